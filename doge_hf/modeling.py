@@ -1,0 +1,154 @@
+"""The Doge models as transformers `PreTrainedModel`s (same config.json and state-dict keys as
+transformers' built-in Doge).
+
+Per decoder layer:
+    x = input_residual ⊙ x + Attn(input_layernorm(x))
+    x = post_attention_residual ⊙ x + MLP_or_CDMoE(post_attention_layernorm(x))
+"""
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+
+from .attention import DogeAttention
+from .cdmoe import DogeCDMoE, DogeMLP
+from .configuration import DogeConfig
+from .layers import RMSNorm, RotaryEmbedding
+
+
+class DogeDecoderLayer(nn.Module):
+    def __init__(self, config: DogeConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DogeAttention(config, layer_idx)
+        self.input_residual = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = DogeCDMoE(config) if config.is_moe else DogeMLP(config)
+        self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
+
+    def forward(self, x, cos_sin, past_len, attention_mask, past_key_values):
+        attn = self.self_attn(self.input_layernorm(x), cos_sin, past_len, attention_mask, past_key_values)
+        x = self.input_residual * x + attn
+        return self.post_attention_residual * x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DogePreTrainedModel(PreTrainedModel):
+    config_class = DogeConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DogeDecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, DogeAttention):
+            module.A.zero_()
+        elif isinstance(module, DogeDecoderLayer):
+            module.input_residual.fill_(1.0)
+            module.post_attention_residual.fill_(1.0)
+
+
+class DogeModel(DogePreTrainedModel):
+    def __init__(self, config: DogeConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DogeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + x.shape[1], device=x.device)[None]
+        cos_sin = self.rotary_emb(x, position_ids)
+        for layer in self.layers:
+            x = layer(x, cos_sin, past_len, attention_mask, past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
+
+
+class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DogeConfig):
+        super().__init__(config)
+        self.model = DogeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, labels=None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, **kwargs)
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+
+class DogeForSequenceClassification(DogePreTrainedModel):
+    """Scores the last non-padding token (transformers' convention for decoder classifiers)."""
+
+    def __init__(self, config: DogeConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = DogeModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs) -> SequenceClassifierOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.score(out.last_hidden_state)
+        batch = torch.arange(logits.shape[0], device=logits.device)
+        if input_ids is not None and self.config.pad_token_id is not None:
+            # The rightmost token that is not padding (with right padding, the last real token).
+            real = (input_ids != self.config.pad_token_id).int()
+            last = (real * torch.arange(real.shape[1], device=real.device)).argmax(-1)
+        else:
+            last = torch.full_like(batch, logits.shape[1] - 1)
+        return SequenceClassifierOutputWithPast(logits=logits[batch, last], past_key_values=out.past_key_values)
