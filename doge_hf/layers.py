@@ -30,15 +30,17 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         self.rope_type = config.rope_parameters.get("rope_type", "default")
         self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
-        if self.rope_type == "default":
-            d = head_dim_of(config)
-            theta = config.rope_parameters["rope_theta"]
-            inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)
-            self.attention_scaling = 1.0
-        else:
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
+        compute = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = compute(config)
+        # Not saved in checkpoints: `from_pretrained` refills both through `_init_weights`.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None) -> tuple[torch.Tensor, float]:
+        d = head_dim_of(config)
+        theta = config.rope_parameters["rope_theta"]
+        return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d), 1.0
 
     @torch.no_grad()
     @dynamic_rope_update

@@ -9,6 +9,7 @@ Per decoder layer:
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -45,20 +46,12 @@ class DogePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, std)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
-        elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
-        elif isinstance(module, DogeAttention):
-            module.A.zero_()
+        super()._init_weights(module)  # linears, embeddings, norms and the RoPE tables
+        if isinstance(module, DogeAttention):
+            init.zeros_(module.A)
         elif isinstance(module, DogeDecoderLayer):
-            module.input_residual.fill_(1.0)
-            module.post_attention_residual.fill_(1.0)
+            init.ones_(module.input_residual)
+            init.ones_(module.post_attention_residual)
 
 
 class DogeModel(DogePreTrainedModel):

@@ -1,0 +1,175 @@
+"""Doge's dynamic-mask attention on vLLM's paged KV cache and stock attention backends.
+
+The per-key bias b_j = exp(A · softplus(dt_proj(v_j))) is folded into the cached keys:
+
+    q' = [q, 1/scale, 0…]    k' = [k, b, 0…]    v' = [v, 0…]     (padded to a head size P > d)
+    ⇒  q'·k'·scale = q·k·scale + b
+
+so every backend computes Doge's scores, and paging, prefix caching (b depends on v_j only, so a
+cached block stays valid), chunked prefill and preemption keep working unchanged. The output is sliced
+back to d. The bias sits in k's channel, not multiplied by √d, which keeps it exact in fp16.
+
+dt_proj reads the value vector of *all* kv heads. With `dt_proj(v) = W_dt (W_v h + b_v) + b_dt`, the
+loader folds W_dt·W_v into one [kv_heads, hidden] projection of h, which is replicated at the attention
+input: each tensor-parallel rank computes its own kv heads' bias with no all-gather.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.config import CacheConfig, get_current_vllm_config
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.v1.attention.selector import get_attn_backend
+
+
+
+def folded_head_size(head_dim: int, num_heads: int, dtype: torch.dtype, kv_cache_dtype: str | None) -> int:
+    """The smallest head size > head_dim (room for the bias channel) that this platform's backend runs."""
+    candidates = list(range(head_dim + 1, 513))
+    for size in candidates:
+        if size % 8:
+            continue
+        try:
+            backend = get_attn_backend(size, dtype, kv_cache_dtype, num_heads=num_heads)
+        except (ValueError, NotImplementedError):
+            continue
+        if backend.supports_head_size(size):
+            return size
+    raise ValueError(
+        f"Doge: no attention backend on this platform supports a head size in ({head_dim}, 512] "
+        f"(head_dim {head_dim} plus one channel for the dynamic-mask bias)."
+    )
+
+
+class DogeAttention(nn.Module):
+    def __init__(
+        self,
+        config,
+        cache_config: CacheConfig | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        tp_size = get_tensor_model_parallel_world_size()
+        self.total_num_heads = config.num_attention_heads
+        self.total_num_kv_heads = config.num_key_value_heads
+        if self.total_num_heads % tp_size or (
+            self.total_num_kv_heads % tp_size if self.total_num_kv_heads >= tp_size else tp_size % self.total_num_kv_heads
+        ):
+            raise ValueError(
+                f"Doge: tensor_parallel_size {tp_size} must divide num_attention_heads ({self.total_num_heads}) "
+                f"and divide or be a multiple of num_key_value_heads ({self.total_num_kv_heads})."
+            )
+        self.num_heads = self.total_num_heads // tp_size
+        self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
+        self.head_dim = getattr(config, "head_dim", None) or hidden // self.total_num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scaling = self.head_dim**-0.5
+
+        self.qkv_proj = QKVParallelLinear(
+            hidden,
+            self.head_dim,
+            self.total_num_heads,
+            self.total_num_kv_heads,
+            bias=config.attention_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            self.total_num_heads * self.head_dim,
+            hidden,
+            bias=config.attention_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            max_position=config.max_position_embeddings,
+            rope_parameters=config.rope_parameters,
+        )
+
+        # Dynamic mask: A and the folded dt projection (W_dt·W_v, see the module docstring) of this
+        # rank's kv heads. Filled by `fold_dt_proj` after the checkpoint's dt_proj/v_proj are read.
+        self.A = nn.Parameter(torch.zeros(self.num_kv_heads), requires_grad=False)
+        self.A.weight_loader = self._load_kv_head_rows
+        dtype = torch.get_default_dtype()
+        self.dt_weight = nn.Parameter(torch.empty(self.num_kv_heads, hidden, dtype=dtype), requires_grad=False)
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_kv_heads, dtype=dtype), requires_grad=False)
+
+        vllm_config = get_current_vllm_config()
+        kv_cache_dtype = cache_config.cache_dtype if cache_config is not None else None
+        self.padded_head_size = folded_head_size(self.head_dim, self.num_heads, dtype, kv_cache_dtype)
+        sliding_window = getattr(config, "sliding_window", None)
+        self.attn = Attention(
+            self.num_heads,
+            self.padded_head_size,
+            self.scaling,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            per_layer_sliding_window=sliding_window,
+            prefix=f"{prefix}.attn",
+        )
+        # Beyond keep_window_size keys, each query keeps only its top keys by bias: a per-query mask
+        # the fold cannot express. Only contexts longer than the window need it.
+        if vllm_config.model_config is not None and vllm_config.model_config.max_model_len > config.keep_window_size:
+            from .keep_window import wrap_keep_window
+
+            wrap_keep_window(
+                self.attn,
+                head_dim=self.head_dim,
+                keep_window_size=config.keep_window_size,
+                sliding_window=sliding_window,
+            )
+
+    def _kv_head_rows(self, total_rows: int) -> slice:
+        """The rows (one per kv head) this tensor-parallel rank owns; kv heads replicate when tp > kv."""
+        tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        first = tp_rank * self.num_kv_heads if tp_size <= total_rows else tp_rank // (tp_size // total_rows)
+        return slice(first, first + self.num_kv_heads)
+
+    def _load_kv_head_rows(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        param.data.copy_(loaded[self._kv_head_rows(loaded.shape[0])])
+
+    @torch.no_grad()
+    def fold_dt_proj(self, v_weight, v_bias, dt_weight, dt_bias) -> None:
+        """dt_proj(v_proj(h)) as one projection of h, computed in fp64 so folding adds no rounding."""
+        rows = self._kv_head_rows(dt_weight.shape[0])
+        dt_rows = dt_weight[rows].double()
+        self.dt_weight.copy_(dt_rows @ v_weight.double())
+        bias = torch.zeros(self.num_kv_heads, dtype=torch.float64)
+        if v_bias is not None:
+            bias += dt_rows @ v_bias.double()
+        if dt_bias is not None:
+            bias += dt_bias[rows].double()
+        self.dt_bias.copy_(bias)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        tokens = hidden_states.shape[0]
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim)).view(tokens, self.q_size)
+        k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim)).view(tokens, self.kv_size)
+        q, k = self.rotary_emb(positions, q, k)
+
+        bias = torch.exp(self.A * F.softplus(F.linear(hidden_states, self.dt_weight, self.dt_bias)))
+        pad = self.padded_head_size - self.head_dim
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        q = torch.cat([q, q.new_full((tokens, self.num_heads, 1), 1.0 / self.scaling), q.new_zeros(tokens, self.num_heads, pad - 1)], -1)
+        k = torch.cat([k, bias.unsqueeze(-1).to(k.dtype), k.new_zeros(tokens, self.num_kv_heads, pad - 1)], -1)
+        v = F.pad(v, (0, pad))
+        out = self.attn(q.view(tokens, -1), k.view(tokens, -1), v.view(tokens, -1))
+        out = out.view(tokens, self.num_heads, self.padded_head_size)[..., : self.head_dim]
+        out, _ = self.o_proj(out.reshape(tokens, self.q_size))
+        return out

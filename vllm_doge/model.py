@@ -1,0 +1,193 @@
+"""Native vLLM implementation of Doge (transformers-format checkpoints, `model_type: doge`).
+
+Per decoder layer:
+    x = input_residual ⊙ x + Attn(input_layernorm(x))
+    x = post_attention_residual ⊙ x + MLP_or_CDMoE(post_attention_layernorm(x))
+The residual scales stop vLLM's fused add+RMSNorm from applying, so the residual stream is carried
+explicitly, one tensor between layers.
+"""
+
+from collections.abc import Iterable
+from itertools import islice
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.llama import LlamaMLP
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    WeightsMapper,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
+from vllm.sequence import IntermediateTensors
+
+from doge_hf.configuration import validate_doge_config
+
+from .attention import DogeAttention
+from .checkpoint import checked, expected_shapes
+
+
+class DogeDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config,
+        cache_config: CacheConfig | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.input_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.self_attn = DogeAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
+        self.input_residual = nn.Parameter(torch.ones(hidden), requires_grad=False)
+        self.post_attention_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
+        if config.is_moe:
+            from .cdmoe import DogeCDMoE
+
+            self.mlp = DogeCDMoE(config, quant_config=quant_config, prefix=f"{prefix}.mlp")
+        else:
+            self.mlp = LlamaMLP(
+                hidden,
+                config.intermediate_size,
+                config.hidden_act,
+                quant_config=quant_config,
+                bias=config.mlp_bias,
+                prefix=f"{prefix}.mlp",
+            )
+        self.post_attention_residual = nn.Parameter(torch.ones(hidden), requires_grad=False)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_residual * x + self.self_attn(positions, self.input_layernorm(x))
+        return self.post_attention_residual * x + self.mlp(self.post_attention_layernorm(x))
+
+
+@support_torch_compile
+class DogeModel(nn.Module):
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_stacked={
+            ".q_proj": (".qkv_proj", "q"),
+            ".k_proj": (".qkv_proj", "k"),
+            ".v_proj": (".qkv_proj", "v"),
+            ".gate_proj": (".gate_up_proj", 0),
+            ".up_proj": (".gate_up_proj", 1),
+        }
+    )
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        quant_config = vllm_config.quant_config
+        self.config = config
+        pp = get_pp_group()
+        if pp.is_first_rank or (config.tie_word_embeddings and pp.is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config)
+        else:
+            self.embed_tokens = PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: DogeDecoderLayer(config, vllm_config.cache_config, quant_config, prefix=prefix),
+            prefix=f"{prefix}.layers",
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], config.hidden_size
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        if get_pp_group().is_first_rank:
+            x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        else:
+            x = intermediate_tensors["hidden_states"]
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
+            x = layer(positions, x)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": x})
+        return self.norm(x)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Stacked loading for q/k/v and gate/up; dt_proj is folded into each layer's attention."""
+        dt_inputs: dict[int, dict[str, torch.Tensor]] = {}
+
+        def route(weights):
+            for name, tensor in weights:
+                parts = name.split(".")  # layers.<i>.self_attn.<proj>.<weight|bias>
+                if len(parts) == 5 and parts[3] in ("v_proj", "dt_proj"):
+                    dt_inputs.setdefault(int(parts[1]), {})[f"{parts[3]}.{parts[4]}"] = tensor
+                    if parts[3] == "dt_proj":
+                        continue
+                yield name, tensor
+
+        loaded = AutoWeightsLoader(self).load_weights(route(weights), mapper=self.hf_to_vllm_mapper)
+        for index in range(self.start_layer, self.end_layer):
+            found = dt_inputs.get(index, {})
+            self.layers[index].self_attn.fold_dt_proj(
+                found["v_proj.weight"], found.get("v_proj.bias"), found["dt_proj.weight"], found.get("dt_proj.bias")
+            )
+            loaded |= {f"layers.{index}.self_attn.dt_weight", f"layers.{index}.self_attn.dt_bias"}
+        return loaded
+
+
+class DogeForCausalLM(nn.Module, SupportsPP):
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        validate_doge_config(config)
+        self.config = config
+        self.model = DogeModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=vllm_config.quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # A tied lm_head some exports still store is the embedding again: vLLM skips the alias.
+        tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        return AutoWeightsLoader(self).load_weights(checked(weights, expected_shapes(self.config), optional=tied))
