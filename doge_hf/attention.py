@@ -3,6 +3,7 @@
     b_j   = exp(A ⊙ softplus(dt_proj(v_j)))          one bias per key and kv head; reads all kv heads of v_j
     s_ij  = q_i·k_j / √d + b_j                        for the keys query i may see (causal, sliding window)
     keep window W: if query i sees more than W keys, only its W keys with the largest b_j are kept
+                   (ties go to the earlier key)
 """
 
 import torch
@@ -36,8 +37,10 @@ def dynamic_mask(bias: torch.Tensor, visible: torch.Tensor, keep_window_size: in
     masked = torch.finfo(bias.dtype).min
     mask = bias[:, :, None, :].masked_fill(~visible, masked)
     if mask.shape[-1] > keep_window_size:
-        # Invisible keys hold the minimum, so they never outrank a visible key in the top-k.
-        top = mask.topk(keep_window_size, dim=-1, sorted=False).indices
+        # Invisible keys hold the minimum, so they never outrank a visible key. Equal biases are real
+        # (in layer 0 a repeated token has exactly its earlier copy's bias): a stable sort keeps the
+        # earlier key, the same rule at every query, where topk's choice among ties is unspecified.
+        top = mask.sort(dim=-1, descending=True, stable=True).indices[..., :keep_window_size]
         kept = torch.zeros_like(mask, dtype=torch.bool).scatter(-1, top, True)
         mask = mask.masked_fill(~kept, masked)
     return mask

@@ -111,8 +111,11 @@ class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, labels=None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
-        out = self.model(input_ids=input_ids, **kwargs)
+    def forward(
+        self, input_ids=None, position_ids=None, labels=None, logits_to_keep: int = 0, **kwargs
+    ) -> CausalLMOutputWithPast:
+        # `position_ids` is named so that generate() passes padding-aware positions, as for transformers.
+        out = self.model(input_ids=input_ids, position_ids=position_ids, **kwargs)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None

@@ -1,0 +1,88 @@
+"""Greedy parity between vLLM and the doge_hf reference, in the spirit of vLLM's check_logprobs_close."""
+
+import gc
+from contextlib import contextmanager
+
+import torch
+
+Sample = tuple[list[int], list[dict[int, float]]]  # generated tokens, per-step {token: logprob}
+
+
+@torch.no_grad()
+def reference_greedy(path: str, prompts: list[list[int]], max_tokens: int, top: int = 5) -> list[Sample]:
+    """doge_hf greedy decoding (with its KV cache), one prompt at a time, with per-step top logprobs."""
+    from doge_hf import DogeForCausalLM
+
+    model = DogeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    samples = []
+    for prompt in prompts:
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=model.config.pad_token_id,
+        )
+        tokens = out.sequences[0, len(prompt) :].tolist()
+        steps = []
+        for token, logits in zip(tokens, out.logits):
+            logprobs = logits[0].float().log_softmax(-1)
+            best = logprobs.topk(top)
+            step = dict(zip(best.indices.tolist(), best.values.tolist()))
+            step[token] = logprobs[token].item()
+            steps.append(step)
+        samples.append((tokens, steps))
+    return samples
+
+
+def vllm_greedy(llm, prompts: list[list[int]], max_tokens: int, top: int = 5) -> list[Sample]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=top)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    samples = []
+    for out in outputs:
+        completion = out.outputs[0]
+        steps = [{t: lp.logprob for t, lp in step.items()} for step in completion.logprobs]
+        samples.append((list(completion.token_ids), steps))
+    return samples
+
+
+def check_greedy_parity(reference: list[Sample], actual: list[Sample], atol: float = 1e-3, name: str = "vllm") -> float:
+    """Tokens must be identical, and each chosen token's logprob within `atol` nats of the reference.
+
+    Returns the largest logprob gap seen. On a token mismatch the message says whether the pick was
+    at least a near-tie in the reference (which would point to numerics rather than a logic error).
+    """
+    worst = 0.0
+    for i, ((ref_tokens, ref_steps), (got_tokens, got_steps)) in enumerate(zip(reference, actual, strict=True)):
+        for step, (r, g) in enumerate(zip(ref_tokens, got_tokens, strict=True)):
+            if r != g:
+                ref_lp = ref_steps[step]
+                raise AssertionError(
+                    f"{name}: prompt {i} step {step}: token {g} != reference {r} "
+                    f"(reference logprobs: chosen {ref_lp.get(r):.5f}, vllm's pick {ref_lp.get(g, float('-inf')):.5f}); "
+                    f"reference {ref_tokens}, got {got_tokens}"
+                )
+            gap = abs(ref_steps[step][r] - got_steps[step][g])
+            assert gap <= atol, f"{name}: prompt {i} step {step}: logprob gap {gap:.2e} > {atol}"
+            worst = max(worst, gap)
+    return worst
+
+
+@contextmanager
+def engine(path: str, **kwargs):
+    """A vLLM engine for a tiny fp32 model, shut down on exit so the next one can start."""
+    from vllm import LLM
+
+    options = dict(dtype="float32", gpu_memory_utilization=0.3, max_model_len=512, enforce_eager=True, seed=0)
+    options.update(kwargs)
+    llm = LLM(model=path, **options)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
