@@ -34,6 +34,7 @@ from vllm.sequence import IntermediateTensors
 from doge_hf.configuration import validate_doge_config
 
 from .attention import DogeAttention
+from .cdmoe import DogeCDMoE
 from .checkpoint import checked, expected_shapes
 
 
@@ -52,8 +53,6 @@ class DogeDecoderLayer(nn.Module):
         self.input_residual = nn.Parameter(torch.ones(hidden), requires_grad=False)
         self.post_attention_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
         if config.is_moe:
-            from .cdmoe import DogeCDMoE
-
             self.mlp = DogeCDMoE(config, quant_config=quant_config, prefix=f"{prefix}.mlp")
         else:
             self.mlp = LlamaMLP(
