@@ -26,6 +26,8 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.v1.attention.selector import get_attn_backend
 
+from .keep_window import wrap_keep_window
+
 
 
 def folded_head_size(head_dim: int, num_heads: int, dtype: torch.dtype, kv_cache_dtype: str | None) -> int:
@@ -122,8 +124,6 @@ class DogeAttention(nn.Module):
         # Beyond keep_window_size keys, each query keeps only its top keys by bias: a per-query mask
         # the fold cannot express. Only contexts longer than the window need it.
         if vllm_config.model_config is not None and vllm_config.model_config.max_model_len > config.keep_window_size:
-            from .keep_window import wrap_keep_window
-
             wrap_keep_window(
                 self.attn,
                 head_dim=self.head_dim,
