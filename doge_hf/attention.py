@@ -14,9 +14,20 @@ from .configuration import head_dim_of
 from .layers import RMSNorm, apply_rotary
 
 
+def rowwise_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """linear(x) as a product and a sum per row: the same bits for a row whatever else is in the batch.
+
+    A matrix multiply rounds a row differently with the number of rows (prefill vs decode). In layer 0
+    a key's bias depends on its token only, so a repeated token must tie *exactly* with its earlier copy
+    for the keep window's tie rule to decide, not rounding noise.
+    """
+    out = (x.unsqueeze(-2) * linear.weight).sum(-1)
+    return out if linear.bias is None else out + linear.bias
+
+
 def key_bias(value_states: torch.Tensor, dt_proj: nn.Linear, A: torch.Tensor) -> torch.Tensor:
     """[batch, keys, kv_heads·d] value states -> [batch, kv_heads, keys] additive bias."""
-    return torch.exp(A * F.softplus(dt_proj(value_states))).transpose(1, 2)
+    return torch.exp(A * F.softplus(rowwise_linear(value_states, dt_proj))).transpose(1, 2)
 
 
 def visible_keys(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -73,7 +84,7 @@ class DogeAttention(nn.Module):
         d = self.head_dim
         q = self.q_norm(self.q_proj(hidden_states).view(b, q_len, -1, d)).transpose(1, 2)
         k = self.k_norm(self.k_proj(hidden_states).view(b, q_len, -1, d)).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(b, q_len, -1, d).transpose(1, 2)
+        v = rowwise_linear(hidden_states, self.v_proj).view(b, q_len, -1, d).transpose(1, 2)
         q, k = apply_rotary(q, k, *cos_sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)

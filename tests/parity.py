@@ -16,23 +16,17 @@ def reference_greedy(path: str, prompts: list[list[int]], max_tokens: int, top: 
     model = DogeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     samples = []
     for prompt in prompts:
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=model.config.pad_token_id,
-        )
-        tokens = out.sequences[0, len(prompt) :].tolist()
-        steps = []
-        for token, logits in zip(tokens, out.logits):
-            logprobs = logits[0].float().log_softmax(-1)
+        # A plain argmax loop over the model's KV cache: no logits processors (generate()'s
+        # min_new_tokens would ban EOS, where vLLM's ignore_eos only keeps going).
+        out = model(torch.tensor([prompt]), use_cache=True)
+        tokens, steps = [], []
+        for _ in range(max_tokens):
+            logprobs = out.logits[0, -1].float().log_softmax(-1)
+            token = int(logprobs.argmax())
             best = logprobs.topk(top)
-            step = dict(zip(best.indices.tolist(), best.values.tolist()))
-            step[token] = logprobs[token].item()
-            steps.append(step)
+            steps.append(dict(zip(best.indices.tolist(), best.values.tolist())))
+            tokens.append(token)
+            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
         samples.append((tokens, steps))
     return samples
 

@@ -46,20 +46,26 @@ def test_resolves_native_class(checkpoints):
     assert names == ["vllm_doge.model.DogeForCausalLM"]
 
 
+def counter(llm, fragment: str) -> float:
+    """Sum of the engine's counters whose name contains `fragment` (needs disable_log_stats=False)."""
+    return sum(getattr(m, "value", 0) for m in llm.llm_engine.get_metrics() if fragment in m.name)
+
+
 def test_prefix_caching_shared_prefixes(checkpoints):
-    """Requests sharing long prefixes hit the prefix cache (whole blocks of folded keys) and still match."""
+    """Requests sharing long prefixes hit the prefix cache (whole blocks of folded keys, past the keep
+    window) and still match."""
     path = checkpoints("keep-window")
     rng = random.Random(1)
-    base = rng.sample(range(3, 512), 80)
-    prompts = [base[:n] + rng.sample(range(3, 512), 5) for n in (64, 70, 75, 80)]
-    prompts = [p for p in prompts if len(set(p)) == len(p)] or prompts
+    shared = rng.sample(range(3, 512), 90)
+    tails = rng.sample(sorted(set(range(3, 512)) - set(shared)), 20)
+    prompts = [shared[:n] + tails[5 * i : 5 * i + 5] for i, n in enumerate((64, 70, 75, 90))]
     reference = reference_greedy(path, prompts, MAX_TOKENS)
-    with engine(path, enable_prefix_caching=True, block_size=32) as llm:
-        vllm_greedy(llm, prompts[:1], MAX_TOKENS)  # warm the cache with the first prompt
+    with engine(path, enable_prefix_caching=True, block_size=32, disable_log_stats=False) as llm:
+        vllm_greedy(llm, prompts[:1], MAX_TOKENS)  # fills the cache with the shared blocks
         got = vllm_greedy(llm, prompts, MAX_TOKENS)
-        hits = llm.llm_engine.get_metrics() if hasattr(llm.llm_engine, "get_metrics") else None
+        hits = counter(llm, "prefix_cache_hits")
+    assert hits >= 4 * 64, f"expected the shared blocks to come from the prefix cache, got {hits} hit tokens"
     check_greedy_parity(reference, got, name="prefix-cache")
-    del hits
 
 
 @pytest.mark.parametrize("preset", ["keep-window", "moe"])
@@ -77,10 +83,10 @@ def test_preemption(checkpoints):
     path = checkpoints("keep-window")
     prompts = make_prompts(seed=2, lengths=(40, 45, 50, 55, 60, 62, 64, 30))
     reference = reference_greedy(path, prompts, MAX_TOKENS)
-    with engine(path, num_gpu_blocks_override=8, block_size=32, max_model_len=128, max_num_seqs=8) as llm:
+    options = dict(num_gpu_blocks_override=8, block_size=32, max_model_len=128, max_num_seqs=8)
+    with engine(path, disable_log_stats=False, **options) as llm:
         got = vllm_greedy(llm, prompts, MAX_TOKENS)
-        stats = llm.llm_engine.get_metrics()
-    preempted = sum(getattr(m, "value", 0) for m in stats if "preempt" in m.name)
+        preempted = counter(llm, "preempt")
     assert preempted > 0, "the tiny KV cache was meant to force preemption"
     check_greedy_parity(reference, got, name="preemption")
 

@@ -161,7 +161,10 @@ class DogeAttention(nn.Module):
         k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim)).view(tokens, self.kv_size)
         q, k = self.rotary_emb(positions, q, k)
 
-        bias = torch.exp(self.A * F.softplus(F.linear(hidden_states, self.dt_weight, self.dt_bias)))
+        # A product and a sum per row, not a matrix multiply: a token's bias gets the same bits in any
+        # batch, so repeated tokens tie exactly in layer 0 and the keep window's tie rule decides.
+        dt = (hidden_states.unsqueeze(1) * self.dt_weight).sum(-1) + self.dt_bias
+        bias = torch.exp(self.A * F.softplus(dt))
         pad = self.padded_head_size - self.head_dim
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
