@@ -66,6 +66,11 @@ CASES = {
     "num_experts not a square": ("moe", dict(config=setfield(num_experts=60)), r"`num_experts` = 60.*perfect square"),
     "top-k above num_experts": ("moe", dict(config=setfield(num_experts_per_tok=65)), r"`num_experts_per_tok` = 65"),
     "keep window below 1": ("dense-gqa", dict(config=setfield(keep_window_size=0)), r"`keep_window_size` = 0"),
+    "head size no backend runs": (
+        "dense-gqa",
+        dict(config=setfield(head_dim=512)),
+        r"no attention backend.*head size in \(512, 512\]",
+    ),
 }
 
 

@@ -32,8 +32,7 @@ from .keep_window import wrap_keep_window
 
 def folded_head_size(head_dim: int, num_heads: int, dtype: torch.dtype, kv_cache_dtype: str | None) -> int:
     """The smallest head size > head_dim (room for the bias channel) that this platform's backend runs."""
-    candidates = list(range(head_dim + 1, 513))
-    for size in candidates:
+    for size in range(head_dim + 1, 513):
         if size % 8:
             continue
         try:
@@ -43,8 +42,8 @@ def folded_head_size(head_dim: int, num_heads: int, dtype: torch.dtype, kv_cache
         if backend.supports_head_size(size):
             return size
     raise ValueError(
-        f"Doge: no attention backend on this platform supports a head size in ({head_dim}, 512] "
-        f"(head_dim {head_dim} plus one channel for the dynamic-mask bias)."
+        f"Doge: head_dim {head_dim} plus one channel for the dynamic-mask bias needs a head size above "
+        f"{head_dim}, and no attention backend on this platform supports one (sizes up to 512 tried)."
     )
 
 
