@@ -69,7 +69,7 @@ CASES = {
     "head size no backend runs": (
         "dense-gqa",
         dict(config=setfield(head_dim=512)),
-        r"no attention backend.*head size in \(512, 512\]",
+        r"head_dim 512 plus one channel.*no attention backend",
     ),
 }
 
