@@ -10,10 +10,13 @@ Sample = tuple[list[int], list[dict[int, float]]]  # generated tokens, per-step 
 
 @torch.no_grad()
 def reference_greedy(path: str, prompts: list[list[int]], max_tokens: int, top: int = 5) -> list[Sample]:
-    """doge_hf greedy decoding (with its KV cache), one prompt at a time, with per-step top logprobs."""
+    """doge_hf greedy decoding (with its KV cache), one prompt at a time, with per-step top logprobs.
+    Legacy-format checkpoints run on doge_hf's legacy reference."""
     from doge_hf import DogeForCausalLM
+    from doge_hf.legacy import LegacyDogeForCausalLM, is_legacy_checkpoint
 
-    model = DogeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model_class = LegacyDogeForCausalLM if is_legacy_checkpoint(path) else DogeForCausalLM
+    model = model_class.from_pretrained(path, dtype=torch.float32).eval()
     samples = []
     for prompt in prompts:
         # A plain argmax loop over the model's KV cache: no logits processors (generate()'s

@@ -69,7 +69,7 @@ CASES = {
     "head size no backend runs": (
         "dense-gqa",
         dict(config=setfield(head_dim=512)),
-        r"head_dim 512 plus one channel.*no attention backend",
+        r"head size with the dynamic-mask bias channels is 513, and no attention backend",
     ),
 }
 

@@ -30,9 +30,9 @@ from .keep_window import wrap_keep_window
 
 
 
-def folded_head_size(head_dim: int, num_heads: int, dtype: torch.dtype, kv_cache_dtype: str | None) -> int:
-    """The smallest head size > head_dim (room for the bias channel) that this platform's backend runs."""
-    for size in range(head_dim + 1, 513):
+def folded_head_size(min_size: int, num_heads: int, dtype: torch.dtype, kv_cache_dtype: str | None) -> int:
+    """The smallest head size >= min_size (head_dim plus the bias channels) this platform's backend runs."""
+    for size in range(min_size, 513):
         if size % 8:
             continue
         try:
@@ -42,8 +42,8 @@ def folded_head_size(head_dim: int, num_heads: int, dtype: torch.dtype, kv_cache
         if backend.supports_head_size(size):
             return size
     raise ValueError(
-        f"Doge: head_dim {head_dim} plus one channel for the dynamic-mask bias needs a head size above "
-        f"{head_dim}, and no attention backend on this platform supports one (sizes up to 512 tried)."
+        f"Doge: the head size with the dynamic-mask bias channels is {min_size}, and no attention backend "
+        "on this platform supports a head size that large (sizes up to 512 tried)."
     )
 
 
@@ -74,6 +74,12 @@ class DogeAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scaling = self.head_dim**-0.5
 
+        # The transformers format has one mask row (A, dt_proj) per kv head; the legacy SmallDoge format
+        # one per attention head, so each kv head carries one bias channel per head of its group.
+        self.mask_per_head = getattr(config, "doge_legacy", False)
+        self.bias_channels = self.num_heads // self.num_kv_heads if self.mask_per_head else 1
+        self.mask_rows = self.num_kv_heads * self.bias_channels
+
         self.qkv_proj = QKVParallelLinear(
             hidden,
             self.head_dim,
@@ -90,25 +96,33 @@ class DogeAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
         )
-        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.rotary_emb = get_rope(
-            self.head_dim,
-            max_position=config.max_position_embeddings,
-            rope_parameters=config.rope_parameters,
-        )
+        self.qk_norm = not self.mask_per_head  # the legacy format has no q/k norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        rope = dict(config.rope_parameters)
+        if rope.get("rope_type") == "dynamic":
+            # Dynamic NTK is plain RoPE up to max_position_embeddings, where the config hook caps the context.
+            rope = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+        self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings, rope_parameters=rope)
 
         # Dynamic mask: A and the folded dt projection (W_dt·W_v, see the module docstring) of this
-        # rank's kv heads. Filled by `fold_dt_proj` after the checkpoint's dt_proj/v_proj are read.
-        self.A = nn.Parameter(torch.zeros(self.num_kv_heads), requires_grad=False)
-        self.A.weight_loader = self._load_kv_head_rows
+        # rank's mask rows. Filled by `fold_dt_proj` after the checkpoint's dt_proj/v_proj are read.
+        self.A = nn.Parameter(torch.zeros(self.mask_rows), requires_grad=False)
+        self.A.weight_loader = lambda param, loaded: param.data.copy_(loaded[self._mask_rows(loaded.shape[0])])
         dtype = torch.get_default_dtype()
-        self.dt_weight = nn.Parameter(torch.empty(self.num_kv_heads, hidden, dtype=dtype), requires_grad=False)
-        self.dt_bias = nn.Parameter(torch.zeros(self.num_kv_heads, dtype=dtype), requires_grad=False)
+        self.dt_weight = nn.Parameter(torch.empty(self.mask_rows, hidden, dtype=dtype), requires_grad=False)
+        self.dt_bias = nn.Parameter(torch.zeros(self.mask_rows, dtype=dtype), requires_grad=False)
 
         vllm_config = get_current_vllm_config()
         kv_cache_dtype = cache_config.cache_dtype if cache_config is not None else None
-        self.padded_head_size = folded_head_size(self.head_dim, self.num_heads, dtype, kv_cache_dtype)
+        self.padded_head_size = folded_head_size(
+            self.head_dim + self.bias_channels, self.num_heads, dtype, kv_cache_dtype
+        )
+        # q's extra channels: 1/scale in the channel of its own bias (head h of a group reads channel h % G).
+        q_fold = torch.zeros(self.num_heads, self.padded_head_size - self.head_dim, dtype=dtype)
+        q_fold[torch.arange(self.num_heads), torch.arange(self.num_heads) % self.bias_channels] = 1.0 / self.scaling
+        self.register_buffer("q_fold", q_fold, persistent=False)
         sliding_window = getattr(config, "sliding_window", None)
         self.attn = Attention(
             self.num_heads,
@@ -130,22 +144,23 @@ class DogeAttention(nn.Module):
                 sliding_window=sliding_window,
             )
 
-    def _kv_head_rows(self, total_rows: int) -> slice:
-        """The rows (one per kv head) this tensor-parallel rank owns; kv heads replicate when tp > kv."""
+    def _mask_rows(self, total_rows: int) -> slice:
+        """The mask rows this tensor-parallel rank owns: its attention heads' rows (legacy), or its kv
+        heads' rows (kv heads replicate when tp > kv heads)."""
         tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        first = tp_rank * self.num_kv_heads if tp_size <= total_rows else tp_rank // (tp_size // total_rows)
-        return slice(first, first + self.num_kv_heads)
-
-    def _load_kv_head_rows(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        param.data.copy_(loaded[self._kv_head_rows(loaded.shape[0])])
+        if self.mask_per_head or tp_size <= total_rows:
+            first = tp_rank * self.mask_rows
+        else:
+            first = tp_rank // (tp_size // total_rows)
+        return slice(first, first + self.mask_rows)
 
     @torch.no_grad()
     def fold_dt_proj(self, v_weight, v_bias, dt_weight, dt_bias) -> None:
         """dt_proj(v_proj(h)) as one projection of h, computed in fp64 so folding adds no rounding."""
-        rows = self._kv_head_rows(dt_weight.shape[0])
+        rows = self._mask_rows(dt_weight.shape[0])
         dt_rows = dt_weight[rows].double()
         self.dt_weight.copy_(dt_rows @ v_weight.double())
-        bias = torch.zeros(self.num_kv_heads, dtype=torch.float64)
+        bias = torch.zeros(self.mask_rows, dtype=torch.float64)
         if v_bias is not None:
             bias += dt_rows @ v_bias.double()
         if dt_bias is not None:
@@ -156,8 +171,9 @@ class DogeAttention(nn.Module):
         tokens = hidden_states.shape[0]
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim)).view(tokens, self.q_size)
-        k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim)).view(tokens, self.kv_size)
+        if self.qk_norm:
+            q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim)).view(tokens, self.q_size)
+            k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim)).view(tokens, self.kv_size)
         q, k = self.rotary_emb(positions, q, k)
 
         # A product and a sum per row, not a matrix multiply: a token's bias gets the same bits in any
@@ -165,12 +181,10 @@ class DogeAttention(nn.Module):
         dt = (hidden_states.unsqueeze(1) * self.dt_weight).sum(-1) + self.dt_bias
         bias = torch.exp(self.A * F.softplus(dt))
         pad = self.padded_head_size - self.head_dim
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q = torch.cat([q, q.new_full((tokens, self.num_heads, 1), 1.0 / self.scaling), q.new_zeros(tokens, self.num_heads, pad - 1)], -1)
-        k = torch.cat([k, bias.unsqueeze(-1).to(k.dtype), k.new_zeros(tokens, self.num_kv_heads, pad - 1)], -1)
-        v = F.pad(v, (0, pad))
+        bias = bias.view(tokens, self.num_kv_heads, self.bias_channels).to(k.dtype)
+        q = torch.cat([q.view(tokens, self.num_heads, self.head_dim), self.q_fold.expand(tokens, -1, -1)], -1)
+        k = torch.cat([k.view(tokens, self.num_kv_heads, self.head_dim), F.pad(bias, (0, pad - self.bias_channels))], -1)
+        v = F.pad(v.view(tokens, self.num_kv_heads, self.head_dim), (0, pad))
         out = self.attn(q.view(tokens, -1), k.view(tokens, -1), v.view(tokens, -1))
         out = out.view(tokens, self.num_heads, self.padded_head_size)[..., : self.head_dim]
         out, _ = self.o_proj(out.reshape(tokens, self.q_size))

@@ -8,17 +8,36 @@ import math
 from collections.abc import Iterable, Iterator
 
 import torch
+from vllm.model_executor.models.utils import WeightsMapper
 
 
 class DogeCheckpointError(ValueError):
     """A checkpoint tensor is missing or has the wrong shape."""
 
 
+# The legacy SmallDoge format's names, mapped to the transformers format's.
+LEGACY_NAMES = WeightsMapper(
+    orig_to_new_substr={
+        "model.word_embed.": "model.embed_tokens.",
+        "model.final_layernorm.": "model.norm.",
+        ".pre_layernorm.": ".input_layernorm.",
+        ".post_layernorm.": ".post_attention_layernorm.",
+        ".pre_residual.weight": ".input_residual",
+        ".post_residual.weight": ".post_attention_residual",
+        ".feed_forward.": ".mlp.",
+    }
+)
+
+
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Every checkpoint key (weights and biases) with its full, unsharded shape."""
+    """Every checkpoint key (weights and biases, transformers-format names) with its full, unsharded shape.
+
+    Legacy checkpoints (`config.doge_legacy`) have one mask row per attention head and no q/k norm."""
     hidden, inter = config.hidden_size, config.intermediate_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     d = getattr(config, "head_dim", None) or hidden // heads
+    legacy = getattr(config, "doge_legacy", False)
+    mask_rows = heads if legacy else kv_heads
     shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, hidden)
@@ -29,7 +48,7 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
             "self_attn.k_proj": (kv_heads * d, hidden, config.attention_bias),
             "self_attn.v_proj": (kv_heads * d, hidden, config.attention_bias),
             "self_attn.o_proj": (hidden, heads * d, config.attention_bias),
-            "self_attn.dt_proj": (kv_heads, kv_heads * d, config.attention_bias),
+            "self_attn.dt_proj": (mask_rows, kv_heads * d, config.attention_bias),
             "mlp.gate_proj": (inter, hidden, config.mlp_bias),
             "mlp.up_proj": (inter, hidden, config.mlp_bias),
             "mlp.down_proj": (hidden, inter, config.mlp_bias),
@@ -42,9 +61,13 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}{name}.weight"] = (rows, cols)
             if bias:
                 shapes[f"{p}{name}.bias"] = (rows,)
-        shapes[p + "self_attn.A"] = (kv_heads,)
-        shapes[p + "self_attn.q_norm.weight"] = (d,)
-        shapes[p + "self_attn.k_norm.weight"] = (d,)
+        shapes[p + "self_attn.A"] = (mask_rows,)
+        if legacy:
+            if config.is_moe:  # some published MoE checkpoints have a router bias, others not
+                shapes[p + "mlp.router_gate.bias"] = (2 * math.isqrt(config.num_experts),)
+        else:
+            shapes[p + "self_attn.q_norm.weight"] = (d,)
+            shapes[p + "self_attn.k_norm.weight"] = (d,)
         for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "input_residual", "post_attention_residual"):
             shapes[p + name] = (hidden,)
     return shapes

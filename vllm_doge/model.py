@@ -35,7 +35,7 @@ from doge_hf.configuration import validate_doge_config
 
 from .attention import DogeAttention
 from .cdmoe import DogeCDMoE
-from .checkpoint import checked, expected_shapes
+from .checkpoint import LEGACY_NAMES, checked, expected_shapes
 
 
 class DogeDecoderLayer(nn.Module):
@@ -53,7 +53,10 @@ class DogeDecoderLayer(nn.Module):
         self.input_residual = nn.Parameter(torch.ones(hidden), requires_grad=False)
         self.post_attention_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
         if config.is_moe:
-            self.mlp = DogeCDMoE(config, quant_config=quant_config, prefix=f"{prefix}.mlp")
+            legacy = getattr(config, "doge_legacy", False)
+            self.mlp = DogeCDMoE(config, quant_config=quant_config, prefix=f"{prefix}.mlp", router_bias=legacy)
+            if legacy:  # zero unless the checkpoint has one (see DogeForCausalLM.load_weights)
+                self.mlp.router_gate.bias.data.zero_()
         else:
             self.mlp = LlamaMLP(
                 hidden,
@@ -187,6 +190,13 @@ class DogeForCausalLM(nn.Module, SupportsPP):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # A tied lm_head some exports still store is the embedding again: vLLM skips the alias.
-        tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
-        return AutoWeightsLoader(self).load_weights(checked(weights, expected_shapes(self.config), optional=tied))
+        config = self.config
+        optional = set()
+        if config.tie_word_embeddings:  # a tied lm_head some exports still store is the embedding again
+            optional.add("lm_head.weight")
+        if getattr(config, "doge_legacy", False):
+            weights = LEGACY_NAMES.apply(weights)
+            if config.is_moe:  # absent means no bias: the layer's zeros stand
+                optional |= {f"model.layers.{i}.mlp.router_gate.bias" for i in range(config.num_hidden_layers)}
+        loaded = AutoWeightsLoader(self).load_weights(checked(weights, expected_shapes(config), optional=optional))
+        return loaded | {name for name in optional if name.endswith("router_gate.bias")}

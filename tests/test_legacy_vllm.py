@@ -1,0 +1,40 @@
+"""The published SmallDoge (legacy remote-code) format served natively: no trust_remote_code, no conversion.
+
+Per-attention-head masks (one folded bias channel per head of a kv group), no q/k norm, tied-by-default
+embeddings, renamed tensors, dynamic-NTK RoPE (plain RoPE within max_position_embeddings)."""
+
+import pytest
+
+from doge_hf.legacy import build_legacy_checkpoint
+from parity import check_greedy_parity, engine, reference_greedy, vllm_greedy
+from test_vllm_parity import MAX_TOKENS, make_prompts
+
+
+@pytest.fixture(scope="module")
+def legacy_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("legacy")
+    return {preset: str(build_legacy_checkpoint(root / preset, preset=preset)) for preset in ("dense-gqa", "dense-mha", "moe")}
+
+
+@pytest.mark.parametrize("preset", ["dense-gqa", "dense-mha", "moe"])
+def test_legacy_greedy_parity(legacy_checkpoints, preset):
+    path = legacy_checkpoints[preset]
+    prompts = make_prompts(seed=3)
+    reference = reference_greedy(path, prompts, MAX_TOKENS)
+    with engine(path) as llm:
+        got = vllm_greedy(llm, prompts, MAX_TOKENS)
+        limit = llm.llm_engine.vllm_config.model_config.max_model_len
+    check_greedy_parity(reference, got, name=f"legacy-{preset}")
+    assert limit <= 512, "dynamic-NTK RoPE is exact only within max_position_embeddings"
+
+
+def test_context_capped_to_plain_rope_range(legacy_checkpoints):
+    """vLLM would allow factor × max_position_embeddings for dynamic RoPE; we cap to where it is exact."""
+    with engine(legacy_checkpoints["dense-gqa"], max_model_len=None, skip_tokenizer_init=True) as llm:
+        assert llm.llm_engine.vllm_config.model_config.max_model_len == 512
+
+
+def test_explicit_longer_context_refused(legacy_checkpoints):
+    with pytest.raises(Exception, match=r"max_model_len 1024 > 512: dynamic-NTK RoPE"):
+        with engine(legacy_checkpoints["dense-gqa"], max_model_len=1024, skip_tokenizer_init=True):
+            pass
