@@ -9,8 +9,11 @@ so every backend computes Doge's scores, and paging, prefix caching (b depends o
 cached block stays valid), chunked prefill and preemption keep working unchanged. The output is sliced
 back to d. The bias sits in k's channel, not multiplied by √d, which keeps it exact in fp16.
 
+Legacy SmallDoge checkpoints have one mask per *attention* head: each kv head then carries G bias
+channels (one per head of its group), and q' of head h puts 1/scale in channel d + h mod G.
+
 dt_proj reads the value vector of *all* kv heads. With `dt_proj(v) = W_dt (W_v h + b_v) + b_dt`, the
-loader folds W_dt·W_v into one [kv_heads, hidden] projection of h, which is replicated at the attention
+loader folds W_dt·W_v into one [mask rows, hidden] projection of h, which is replicated at the attention
 input: each tensor-parallel rank computes its own kv heads' bias with no all-gather.
 """
 
