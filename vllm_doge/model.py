@@ -198,5 +198,10 @@ class DogeForCausalLM(nn.Module, SupportsPP):
             weights = LEGACY_NAMES.apply(weights)
             if config.is_moe:  # absent means no bias: the layer's zeros stand
                 optional |= {f"model.layers.{i}.mlp.router_gate.bias" for i in range(config.num_hidden_layers)}
-        loaded = AutoWeightsLoader(self).load_weights(checked(weights, expected_shapes(config), optional=optional))
+        expected = expected_shapes(config)
+        if getattr(self, "is_pooling_model", False):
+            # vLLM's pooling adapters (e.g. the seq-cls wrapper serving a DogeForSequenceClassification
+            # checkpoint) have no lm_head; the checkpoint's `score` passes through to the adapter's head.
+            expected.pop("lm_head.weight", None)
+        loaded = AutoWeightsLoader(self).load_weights(checked(weights, expected, optional=optional))
         return loaded | {name for name in optional if name.endswith("router_gate.bias")}

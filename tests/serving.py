@@ -1,0 +1,58 @@
+"""Helpers for the end-to-end serving tests: one real `vllm serve` subprocess, driven by the openai client.
+
+The server itself is vllm_doge.serve_demo.VllmServer (the same launcher `make demo` uses): the `vllm`
+command of this environment, a free loopback port, its log in a temporary file, stopped with SIGTERM
+then SIGKILL of its process group (a watchdog process does the same if pytest itself is killed).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_doge.serve_demo import ServerError, VllmServer
+
+# The only flags the tests pass: everything else (the Doge model class included) must come from the
+# checkpoint and the plugin's entry point, as for a user's `vllm serve DIR`.
+SERVE_FLAGS = ["--gpu-memory-utilization", "0.3", "--dtype", "float32"]
+READY_TIMEOUT_S = 420.0  # a cold torch.compile on 2 busy cores can take minutes
+
+
+def launch(model: str, max_model_len: int, finalizer, log_path) -> VllmServer:
+    """Start `vllm serve model` (non-blocking), its output in `log_path` (under pytest's tmp dir, which
+    pytest prunes); `finalizer(server.stop)` is registered before the start, so the server is stopped
+    whatever happens next."""
+    server = VllmServer(model, max_model_len=max_model_len, args=SERVE_FLAGS, log_path=log_path)
+    finalizer(server.stop)
+    server.start()
+    return server
+
+
+def wait_ready(server: VllmServer) -> None:
+    """Block until /health answers; on failure stop the server and fail with its log tail."""
+    try:
+        server.wait_until_ready(timeout=READY_TIMEOUT_S)
+    except ServerError as error:
+        server.stop()
+        pytest.fail(str(error), pytrace=False)
+
+
+def server_log(server: VllmServer) -> str:
+    return server.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+def choice_tokens(choice) -> list[int]:
+    """Generated token ids of a completion/chat choice requested with `return_token_ids`."""
+    ids = getattr(choice, "token_ids", None)
+    if ids is None:
+        ids = (choice.model_extra or {}).get("token_ids")
+    assert ids is not None, "the server did not return token ids (extra_body={'return_token_ids': True})"
+    return list(ids)
+
+
+def prompt_tokens(response_or_choice) -> list[int]:
+    """Prompt token ids the server used (completions: on the choice; chat: on the response)."""
+    ids = getattr(response_or_choice, "prompt_token_ids", None)
+    if ids is None:
+        ids = (response_or_choice.model_extra or {}).get("prompt_token_ids")
+    assert ids is not None, "the server did not return prompt token ids"
+    return list(ids)
