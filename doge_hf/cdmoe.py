@@ -23,9 +23,10 @@ from transformers.activations import ACT2FN
 class DogeMLP(nn.Module):
     """SwiGLU: down(act(gate·h) ⊙ up·h)."""
 
-    def __init__(self, config):
+    def __init__(self, config, bias: bool | None = None):
         super().__init__()
-        hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        hidden, inter = config.hidden_size, config.intermediate_size
+        bias = config.mlp_bias if bias is None else bias
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
@@ -38,12 +39,13 @@ class DogeMLP(nn.Module):
 class DogeCDMoE(DogeMLP):
     """The shared SwiGLU (inherited) plus routed product-key experts."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, bias: bool | None = None):
+        super().__init__(config, bias)
         self.num_keys = math.isqrt(config.num_experts)
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.router_gate = nn.Linear(config.hidden_size, 2 * self.num_keys, bias=False)
+        # Some legacy SmallDoge checkpoints have a router bias; transformers' format has none.
+        self.router_gate = nn.Linear(config.hidden_size, 2 * self.num_keys, bias=getattr(config, "router_bias", False))
         self.down_embed = nn.Embedding(config.num_experts, config.hidden_size)
         self.up_embed = nn.Embedding(config.num_experts, config.hidden_size)
 

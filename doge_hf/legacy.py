@@ -37,6 +37,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .cdmoe import DogeCDMoE, DogeMLP
 from .layers import RMSNorm, rotate_half
 
 # config.json fields that only the legacy format has (transformers' Doge spells biases attention_bias/mlp_bias).
@@ -49,7 +50,7 @@ LEGACY_CONFIG_FIELDS = (
     "num_cdmoe_experts",
     "expert_retrieval_size",
 )
-EXPERT_INDEX_VARIANTS = ("gather", "position")
+EXPERT_INDEX_VARIANTS = ("gather",)
 
 
 class LegacyDogeConfigError(ValueError):
@@ -60,8 +61,9 @@ class LegacyDogeConfig(PreTrainedConfig):
     """config.json of the legacy format, with that code's defaults (`tie_word_embeddings` absent = True).
 
     Two fields are not read from config.json of published checkpoints: `router_bias` is detected from the
-    checkpoint's keys by `LegacyDogeForCausalLM.from_pretrained`, and `expert_index` ("gather", the only
-    variant in the stored code; "position" only when a config names it) selects the CDMoE expert ids.
+    checkpoint's keys by `LegacyDogeForCausalLM.from_pretrained`, and `expert_index` names the CDMoE expert
+    ids: "gather" (the gathered product-key id) is the only variant in any stored version of that code; a
+    config naming another is refused rather than guessed.
     """
 
     model_type = "doge"
@@ -248,46 +250,6 @@ class LegacyDogeAttention(nn.Module):
         return self.o_proj((probs @ v).transpose(1, 2).reshape(b, s, -1))
 
 
-class LegacyDogeMLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        hidden, inter, bias = config.hidden_size, config.intermediate_size, config.hidden_bias
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, h):
-        return self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h))
-
-
-class LegacyDogeCDMoE(LegacyDogeMLP):
-    def __init__(self, config):
-        super().__init__(config)
-        self.num_keys = math.isqrt(config.num_experts)
-        self.top_k = config.num_experts_per_tok
-        self.norm_topk_prob = config.norm_topk_prob
-        self.gather = config.expert_index == "gather"
-        self.router_gate = nn.Linear(config.hidden_size, 2 * self.num_keys, bias=config.router_bias)
-        self.down_embed = nn.Embedding(config.num_experts, config.hidden_size)
-        self.up_embed = nn.Embedding(config.num_experts, config.hidden_size)
-
-    def forward(self, h):
-        K = self.num_keys
-        logits_x, logits_y = self.router_gate(h).split(K, dim=-1)  # the two halves of ONE token's logits
-        score_x, key_x = logits_x.topk(K, dim=-1)
-        score_y, key_y = logits_y.topk(K, dim=-1)
-        scores = (score_x[..., :, None] + score_y[..., None, :]).flatten(-2)
-        ids = (key_x[..., :, None] * K + key_y[..., None, :]).flatten(-2)
-        scores, picked = scores.topk(self.top_k, dim=-1)
-        experts = ids.gather(-1, picked) if self.gather else picked
-        weights = scores.softmax(dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        gates = self.act_fn((self.down_embed(experts) * h[..., None, :]).sum(-1)) * weights
-        return super().forward(h) + (gates[..., None] * self.up_embed(experts)).sum(-2)
-
-
 class LegacyResidual(nn.Module):
     """weight ⊙ residual + update (its parameter is stored as `….pre_residual.weight`)."""
 
@@ -306,7 +268,8 @@ class LegacyDogeDecoderLayer(nn.Module):
         self.self_attn = LegacyDogeAttention(config, layer_idx)
         self.pre_residual = LegacyResidual(config.hidden_size)
         self.post_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.feed_forward = LegacyDogeCDMoE(config) if config.is_moe else LegacyDogeMLP(config)
+        # `hidden_bias` biases the feed-forward projections too.
+        self.feed_forward = (DogeCDMoE if config.is_moe else DogeMLP)(config, bias=config.hidden_bias)
         self.post_residual = LegacyResidual(config.hidden_size)
 
     def forward(self, x, cos, sin, past_len, attention_mask, cache):
