@@ -4,7 +4,9 @@ vLLM's own loaders fail deep inside a weight loader (an assert on sizes) or at t
 uninitialised parameters; these checks name the tensor, its shape and the expected one instead.
 """
 
+import json
 import math
+import pathlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -94,3 +96,29 @@ def checked(
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DogeCheckpointError(f"Doge checkpoint: tensor {missing[0]!r}{more} is missing from the safetensors files")
+
+
+def check_safetensors_files(root: pathlib.Path) -> None:
+    """A local checkpoint must hold safetensors weights (pickled .bin files can run code when loaded), each
+    file as long as its header says: a truncated download otherwise fails deep in the loader."""
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        found = ", ".join(sorted(p.name for p in root.glob("*.bin"))) or "no weights at all"
+        raise DogeCheckpointError(
+            f"Doge checkpoint {root}: no *.safetensors file ({found}); only safetensors weights are loaded"
+        )
+    for file in files:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = f.read(header_len) if 8 + header_len <= size else b""
+        try:
+            tensors = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+            described = 8 + header_len + max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise DogeCheckpointError(f"Doge checkpoint: {file.name} ({size} bytes) has no valid safetensors header") from None
+        if described != size:
+            raise DogeCheckpointError(
+                f"Doge checkpoint: {file.name} is {size} bytes, its header describes {described} bytes "
+                "(truncated or corrupt)"
+            )

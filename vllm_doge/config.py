@@ -1,6 +1,7 @@
 """Engine-config hook for Doge checkpoints (registered in vLLM's MODELS_CONFIG_MAP by `register()`).
 
 It runs while vLLM builds its config, before the model exists:
+- weights are read from safetensors only, and a local checkpoint's files are checked to be complete;
 - the legacy SmallDoge format (published remote-code checkpoints) is recognised from its config.json, and
   the fields that format spells or defaults differently are set on the config vLLM passes to the model;
 - the context length is capped where the reference cannot be matched beyond it: dynamic-NTK RoPE is
@@ -10,9 +11,12 @@ It runs while vLLM builds its config, before the model exists:
 """
 
 import json
+import pathlib
 
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from .checkpoint import check_safetensors_files
 
 logger = init_logger(__name__)
 
@@ -35,6 +39,9 @@ class DogeConfigHook(VerifyAndUpdateConfig):
     def verify_and_update_model_config(model_config) -> None:
         from doge_hf.legacy import LegacyDogeConfig, is_legacy_checkpoint
 
+        local = pathlib.Path(model_config.model)
+        if local.is_dir():
+            check_safetensors_files(local)
         fields = raw_config(model_config)
         config = model_config.hf_config
         config.doge_legacy = is_legacy_checkpoint(fields)
@@ -57,6 +64,8 @@ class DogeConfigHook(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
+        if vllm_config.load_config.load_format == "auto":
+            vllm_config.load_config.load_format = "safetensors"  # never a pickled .bin
         model_config = vllm_config.model_config
         config = model_config.hf_config
         limits = []
