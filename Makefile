@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || (echo ">> creating $(VENV)" && $(PYTHON) -m venv $(VENV))
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -v -rs -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m pip install -q matplotlib
+	$(PY) benchmarks/throughput.py $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,592 @@
+"""Offline generation throughput of vllm_doge against the engine's limit and the alternatives.
+
+    python benchmarks/throughput.py                      # every preset, eager and compiled, 5 reps
+    python benchmarks/throughput.py --quick              # smoke run: doge-20m, 16 x (64 -> 64), 2 reps
+    python benchmarks/throughput.py --presets doge-20m,doge-20m-moe --modes eager --reps 3
+
+For each shape preset, on one workload (N requests of L random prompt token ids, M generated tokens,
+greedy, EOS ignored, fp32), the systems are timed in alternation, each repetition in a rotated order,
+and medians are reported:
+
+    doge      vllm_doge (this plugin) on a Doge checkpoint with random non-trivial weights
+    qwen3     vLLM's native Qwen3ForCausalLM with identical dimensions: the engine's limit for this shape
+    fallback  vLLM's Transformers fallback (model_impl="transformers") on the same Doge checkpoint
+    hf        transformers' DogeForCausalLM.generate (one batch, KV cache) on the same checkpoint
+    dense     (CDMoE preset) vllm_doge on the same model without experts (is_moe false)
+    doge_alt  (only with --doge-alt DIR) vllm_doge imported from DIR (a modified copy), same checkpoint:
+              A/B-tests an optimisation against `doge` in the same alternation (ratio alt_over_doge)
+
+vLLM systems run in `enforce_eager=True` ("eager") and the default torch.compile mode ("compiled");
+`hf` does not depend on the mode and is timed in both groups (its two medians are a noise check).
+Every system runs in its own process (benchmarks/_worker.py); all processes of a (preset, mode) group
+start first (untimed), each does one untimed warm-up run, then the timed repetitions alternate between
+them. Each repetition draws fresh prompts (the same for every system in that repetition), so vLLM's
+prefix cache never hits across repetitions.
+
+Output: a markdown table on stdout, benchmarks/results/<name>.json (name: latest, or quick with
+--quick) with the raw per-repetition numbers and, per preset, `ratios` (medians of ratios paired within
+each repetition; output tokens/s of the first system over the second) and benchmarks/results/<name>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import select
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks._checkpoints import cache_dir, config_summary, doge_checkpoint, qwen3_checkpoint  # noqa: E402
+
+RESULTS = HERE / "results"
+WORKER = HERE / "_worker.py"
+
+# --------------------------------------------------------------------------------------------------
+# Presets and workloads
+# --------------------------------------------------------------------------------------------------
+
+DOGE_20M = dict(
+    vocab_size=32768,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+DOGE_60M = {**DOGE_20M, "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 16,
+            "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+CDMOE = dict(is_moe=True, num_experts=1024, num_experts_per_tok=16)
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int
+    prompt_len: int
+    max_tokens: int
+
+    def describe(self) -> str:
+        return f"{self.requests} x ({self.prompt_len} -> {self.max_tokens})"
+
+
+WORKLOADS = {
+    "full": {"main": Workload(64, 128, 128), "long": Workload(16, 1024, 128)},
+    "quick": {"main": Workload(16, 64, 64), "long": Workload(4, 512, 32)},
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    doge: dict
+    workload: str  # key of WORKLOADS[...]
+    systems: tuple[str, ...]
+    note: str = ""
+
+
+PRESETS = {
+    "doge-20m": Preset(DOGE_20M, "main", ("doge", "qwen3", "fallback", "hf"), "Doge-20M shape"),
+    "doge-60m": Preset(DOGE_60M, "main", ("doge", "qwen3", "fallback", "hf"), "Doge-60M shape"),
+    "doge-20m-moe": Preset(
+        {**DOGE_20M, **CDMOE},
+        "main",
+        ("doge", "dense", "qwen3", "fallback", "hf"),
+        "Doge-20M shape with CDMoE (1024 experts, top-16); qwen3 and dense have no experts",
+    ),
+    "doge-20m-long": Preset(
+        {**DOGE_20M, "keep_window_size": 256},
+        "long",
+        ("doge", "qwen3"),
+        "Doge-20M shape, keep_window_size 256 < context: the exact keep-window path runs",
+    ),
+}
+FULL_PRESETS = ["doge-20m", "doge-60m", "doge-20m-moe", "doge-20m-long"]
+QUICK_PRESETS = ["doge-20m"]
+
+RATIOS = {  # ratio key -> (numerator, denominator): output tokens/s, paired per repetition
+    "doge_over_qwen3": ("doge", "qwen3"),
+    "doge_over_fallback": ("doge", "fallback"),
+    "doge_over_hf": ("doge", "hf"),
+    "moe_over_dense": ("doge", "dense"),
+    "alt_over_doge": ("doge_alt", "doge"),
+}
+LABELS = {
+    "doge": "vllm_doge",
+    "qwen3": "vLLM Qwen3 (same shape)",
+    "fallback": "vLLM Transformers fallback",
+    "hf": "transformers generate",
+    "dense": "vllm_doge, no experts",
+    "doge_alt": "vllm_doge (--doge-alt copy)",
+}
+
+
+@dataclass
+class Checkpoints:
+    doge: Path
+    qwen3: Path
+    dense: Path | None = None
+
+
+def build_checkpoints(name: str, preset: Preset) -> Checkpoints:
+    doge = doge_checkpoint(name, preset.doge)
+    dense = None
+    if "dense" in preset.systems:
+        fields = {k: v for k, v in preset.doge.items() if k not in CDMOE}
+        dense = doge_checkpoint(name + "-dense", fields)
+    qwen3 = qwen3_checkpoint(name + "-qwen3", dense or doge)
+    return Checkpoints(doge, qwen3, dense)
+
+
+def worker_argv(system: str, mode: str, ckpts: Checkpoints) -> list[str]:
+    base = [sys.executable, str(WORKER)]
+    if system == "hf":
+        return base + ["--system", "hf", "--model", str(ckpts.doge)]
+    model = {"doge": ckpts.doge, "doge_alt": ckpts.doge, "fallback": ckpts.doge, "qwen3": ckpts.qwen3,
+             "dense": ckpts.dense}[system]  # fmt: skip
+    impl = "transformers" if system == "fallback" else "auto"
+    return base + ["--system", "vllm", "--model", str(model), "--mode", mode, "--impl", impl]
+
+
+def kv_space_gib(preset: Preset, workload: Workload) -> int:
+    """KV cache size for the engines: the whole workload resident (no preemption) with room to spare."""
+    d = preset.doge
+    head_dim = d["hidden_size"] // d["num_attention_heads"]
+    per_token = d["num_hidden_layers"] * d["num_key_value_heads"] * 2 * 4 * (head_dim + 64)  # padded head
+    need = per_token * workload.requests * (workload.prompt_len + workload.max_tokens)
+    return max(1, math.ceil(2 * need / 2**30))
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker processes
+# --------------------------------------------------------------------------------------------------
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """One system in its own process; JSON commands on stdin, JSON replies on a dedicated pipe."""
+
+    def __init__(self, name: str, argv: list[str], env: dict, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        read_fd, write_fd = os.pipe()
+        env = {**env, "BENCH_RESULT_FD": str(write_fd)}
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            pass_fds=(write_fd,), text=True, cwd=str(REPO),
+        )  # fmt: skip
+        os.close(write_fd)
+        self._fd = read_fd
+        self._buffer = b""
+        self.info: dict = {}
+
+    def receive(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerError(f"{self.name}: no reply within {timeout:.0f} s (log: {self.log_path})")
+            ready, _, _ = select.select([self._fd], [], [], min(remaining, 5.0))
+            if not ready:
+                continue
+            chunk = os.read(self._fd, 65536)
+            if not chunk:
+                raise WorkerError(f"{self.name}: process exited (code {self.proc.poll()}):\n{self.log_tail()}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        message = json.loads(line)
+        if message.get("event") == "error":
+            raise WorkerError(f"{self.name}: {message['where']} failed: {message['error']}\n{message.get('trace', '')}")
+        return message
+
+    def send(self, **command) -> None:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def request(self, timeout: float, **command) -> dict:
+        self.send(**command)
+        return self.receive(timeout)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def close(self, timeout: float = 120.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(cmd="quit")
+                self.proc.wait(timeout=timeout)
+            except (OSError, subprocess.TimeoutExpired, ValueError):
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        os.close(self._fd)
+        self._log.close()
+
+
+def worker_env(kv_gib: int, threads: int | None) -> dict:
+    env = dict(os.environ)
+    env.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE=str(kv_gib),
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    if threads:
+        # vLLM keeps an OMP_NUM_THREADS set outside; torch (hf) reads it too.
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# One (preset, mode) group: start, warm up, alternate
+# --------------------------------------------------------------------------------------------------
+
+
+def run_group(name, preset, mode, workload, ckpts, reps, seed_base, log_dir, timeouts, threads, systems, alt) -> dict:
+    env = worker_env(kv_space_gib(preset, workload), threads)
+    group = {"systems": {}, "order": [], "errors": {}}
+    workers: dict[str, Worker] = {}
+    try:
+        for system in systems:  # started one after another: engine start is never timed
+            log = log_dir / f"{name}.{mode}.{system}.log"
+            print(f"  [{name} {mode}] starting {system} ...", flush=True)
+            system_env = env
+            if system == "doge_alt":  # the copy's vllm_doge comes first on sys.path (before the editable install)
+                system_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (alt, env.get("PYTHONPATH")) if p)}
+            worker = Worker(system, worker_argv(system, mode, ckpts), system_env, log)
+            try:
+                worker.info = worker.receive(timeouts["start"])["info"]
+            except WorkerError as exc:
+                print(f"  [{name} {mode}] {system} failed to start: {str(exc)[:2000]}", flush=True)
+                group["errors"][system] = str(exc)[-4000:]
+                worker.close(timeout=10)
+                continue
+            print(f"  [{name} {mode}] {system} ready in {worker.info.get('start_s')} s", flush=True)
+            workers[system] = worker
+            group["systems"][system] = {
+                "info": worker.info, "elapsed_s": [], "cpu_s": [], "output_tokens": [], "tok_s": [],
+                "tok_per_cpu_s": [], "load": [],
+            }  # fmt: skip
+
+        def run(system: str, seed: int) -> dict | None:
+            try:
+                return workers[system].request(
+                    timeouts["run"], cmd="run", seed=seed, requests=workload.requests,
+                    prompt_len=workload.prompt_len, max_tokens=workload.max_tokens,
+                )  # fmt: skip
+            except WorkerError as exc:
+                print(f"  [{name} {mode}] {system} run failed: {str(exc)[:2000]}", flush=True)
+                group["errors"][system] = str(exc)[-4000:]
+                workers.pop(system).close(timeout=10)
+                return None
+
+        for system in list(workers):  # warm-up: allocator, first shapes, lazy inits
+            run(system, seed_base + 999)
+
+        expected = workload.requests * workload.max_tokens
+        for rep in range(reps):
+            live = [s for s in systems if s in workers]
+            order = live[rep % len(live) :] + live[: rep % len(live)] if live else []
+            group["order"].append(order)
+            for system in order:
+                result = run(system, seed_base + rep)
+                if result is None:
+                    continue
+                if result["output_tokens"] != expected:
+                    print(f"  [{name} {mode}] {system}: {result['output_tokens']} tokens, expected {expected}")
+                record = group["systems"][system]
+                record["elapsed_s"].append(result["elapsed_s"])
+                record["output_tokens"].append(result["output_tokens"])
+                record["cpu_s"].append(result["cpu_s"])
+                record["tok_s"].append(result["output_tokens"] / result["elapsed_s"])
+                record["tok_per_cpu_s"].append(result["output_tokens"] / result["cpu_s"])
+                record["load"].append(result["load"])
+                record.setdefault("first_tokens", []).append(result.get("head"))
+                print(
+                    f"  [{name} {mode}] rep {rep + 1}/{reps} {system:8s} {record['tok_s'][-1]:8.1f} tok/s "
+                    f"({result['elapsed_s']:.2f} s wall, {result['cpu_s']:.2f} s CPU, load {result['load']:.1f})",
+                    flush=True,
+                )
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+    for record in group["systems"].values():
+        record["median_tok_s"] = statistics.median(record["tok_s"]) if record["tok_s"] else None
+        record["median_tok_per_cpu_s"] = statistics.median(record["tok_per_cpu_s"]) if record["tok_per_cpu_s"] else None
+    # A correctness smell test, not a parity test: the first 8 greedy tokens of request 0, per repetition,
+    # against transformers' DogeForCausalLM (hf) on the same prompts where it ran.
+    ref = group["systems"].get("hf", {}).get("first_tokens")
+    if ref:
+        group["first_tokens_match_hf"] = {
+            s: sum(a == b for a, b in zip(r.get("first_tokens", []), ref)) / len(ref)
+            for s, r in group["systems"].items()
+            if s not in ("hf", "qwen3", "dense")  # qwen3 and dense are other models
+        }
+    group["ratios"] = paired_ratios(group, "tok_s")
+    group["ratios_cpu_time"] = paired_ratios(group, "tok_per_cpu_s")
+    return group
+
+
+def paired_ratios(group: dict, metric: str) -> dict:
+    """Median over repetitions of (numerator / denominator) of `metric` measured in the same repetition."""
+    out = {}
+    systems = group["systems"]
+    for key, (num, den) in RATIOS.items():
+        if num not in systems or den not in systems:
+            continue
+        a, b = systems[num][metric], systems[den][metric]
+        pairs = [x / y for x, y in zip(a, b)]
+        if pairs and len(a) == len(b):
+            out[key] = statistics.median(pairs)
+            out[key + "_per_rep"] = pairs
+    return out
+
+
+def kv_ratio(groups: dict) -> tuple[float | None, dict]:
+    """KV bytes per token of vllm_doge over Qwen3 from the engines' KV cache specs (any mode)."""
+    for group in groups.values():
+        systems = group["systems"]
+        doge = systems.get("doge", {}).get("info", {}).get("kv_bytes_per_token")
+        qwen = systems.get("qwen3", {}).get("info", {}).get("kv_bytes_per_token")
+        if doge and qwen:
+            detail = {
+                "doge_kv_bytes_per_token": doge,
+                "qwen3_kv_bytes_per_token": qwen,
+                "source": "engine KV cache spec (page_size_bytes / block_size, summed over layers)",
+            }
+            fb = systems.get("fallback", {}).get("info", {}).get("kv_bytes_per_token")
+            if fb:
+                detail["fallback_kv_bytes_per_token"] = fb
+            return doge / qwen, detail
+    return None, {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------------
+
+
+def fmt(value, digits=1):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(results: dict, modes: list[str]) -> str:
+    present = {s for p in results.values() if "modes" in p for g in p["modes"].values() for s in g["systems"]}
+    systems = [s for s in ["doge", "doge_alt", "qwen3", "fallback", "hf", "dense"] if s in present]
+    ratio_keys = [k for k in RATIOS if any(k in g["ratios"] for p in results.values() if "modes" in p for g in p["modes"].values())]
+    head = ["preset", "mode", *[f"{LABELS[s]} tok/s" for s in systems], *ratio_keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, preset in results.items():
+        if name.startswith("_"):
+            continue
+        for mode in modes:
+            group = preset["modes"].get(mode)
+            if group is None:
+                continue
+            cells = [name, mode]
+            for s in systems:
+                record = group["systems"].get(s)
+                cells.append(fmt(record and record["median_tok_s"]))
+            cells += [fmt(group["ratios"].get(k), 3) for k in ratio_keys]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, modes: list[str], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib, or the project's bench extra)")
+        return False
+    names = [n for n in results if not n.startswith("_")]
+    systems = ["doge", "doge_alt", "dense", "qwen3", "fallback", "hf"]
+    colors = {"doge": "#d62728", "doge_alt": "#9467bd", "dense": "#ff9896", "qwen3": "#1f77b4", "fallback": "#2ca02c",
+              "hf": "#7f7f7f"}  # fmt: skip
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        groups = [m for m in modes if m in results[name]["modes"]]
+        present = [s for s in systems if any(s in results[name]["modes"][m]["systems"] for m in groups)]
+        width = 0.8 / max(1, len(present))
+        for i, system in enumerate(present):
+            xs, ys, lo, hi = [], [], [], []
+            for j, mode in enumerate(groups):
+                record = results[name]["modes"][mode]["systems"].get(system)
+                if not record or record["median_tok_s"] is None:
+                    continue
+                med = record["median_tok_s"]
+                xs.append(j + (i - (len(present) - 1) / 2) * width)
+                ys.append(med)
+                lo.append(med - min(record["tok_s"]))
+                hi.append(max(record["tok_s"]) - med)
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=LABELS[system], color=colors[system])
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_title(f"{name}\n{results[name]['workload']['describe']}", fontsize=9)
+        ax.set_ylabel("output tokens/s (median, min–max)")
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = {}, {}
+    for ax in axes[0]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(l, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
+    meta = results["_meta"]
+    fig.suptitle(f"vllm-doge throughput, fp32, {meta['cpu_count']} CPU cores ({meta['date'][:10]})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_list(text: str, known: list[str], what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in items if t not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {unknown}; choose from {known}")
+    return items
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: smaller workload, 2 reps, doge-20m")
+    parser.add_argument("--presets", default=None, help=f"comma-separated, from {list(PRESETS)}")
+    parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per system (default 5; 2 quick)")
+    parser.add_argument("--name", default=None, help="results file stem (default latest; quick with --quick)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="OMP/torch threads per system (default 1: on a shared machine, OpenMP teams of 2 threads stall "
+        "whenever another process takes a core; 0 = leave vLLM's and torch's defaults)",
+    )  # fmt: skip
+    parser.add_argument("--systems", default=None, help="comma-separated subset of each preset's systems")
+    parser.add_argument("--doge-alt", default=None, metavar="DIR", help="also time vllm_doge imported from DIR")
+    parser.add_argument("--start-timeout", type=float, default=1800.0, help="seconds for one engine start")
+    parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds for one timed run")
+    args = parser.parse_args(argv)
+
+    presets = parse_list(args.presets, list(PRESETS), "presets") if args.presets else (
+        QUICK_PRESETS if args.quick else FULL_PRESETS
+    )  # fmt: skip
+    modes = parse_list(args.modes, ["eager", "compiled"], "modes")
+    reps = args.reps if args.reps is not None else (2 if args.quick else 5)
+    workloads = WORKLOADS["quick" if args.quick else "full"]
+    stem = args.name or ("quick" if args.quick else "latest")
+    only = set(parse_list(args.systems, list(LABELS), "systems")) if args.systems else None
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log_dir = cache_dir() / "logs" / stem
+    log_dir.mkdir(parents=True, exist_ok=True)
+    timeouts = {"start": args.start_timeout, "run": args.run_timeout}
+
+    import torch
+    import transformers
+    import vllm
+
+    results: dict = {
+        "_meta": {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(),
+            "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+            "dtype": "float32",
+            "reps": reps,
+            "threads_per_system": args.threads or "vLLM/torch default",
+            "modes": modes,
+            "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "per preset (GiB)"},
+            "sampling": "SamplingParams(max_tokens=M, temperature=0, ignore_eos=True, detokenize=False)",
+            "metric": "output tokens / wall seconds of one LLM.generate (or model.generate) call, prefill included",
+            "ratios": "median over repetitions of tok/s(first) / tok/s(second) measured in the same repetition; "
+            "`ratios` of a preset = compiled mode if measured, else eager; `ratios_by_mode` has both",
+            "logs": str(log_dir),
+        }
+    }
+    print(f"# vllm-doge throughput: presets {presets}, modes {modes}, {reps} reps, logs in {log_dir}", flush=True)
+    started = time.monotonic()
+    for index, name in enumerate(presets):
+        preset = PRESETS[name]
+        workload = workloads[preset.workload]
+        print(f"\n## {name}: {preset.note}; workload {workload.describe()}", flush=True)
+        ckpts = build_checkpoints(name, preset)
+        entry = {
+            "note": preset.note,
+            "workload": {**workload.__dict__, "describe": workload.describe()},
+            "config": config_summary(ckpts.doge),
+            "checkpoints": {k: str(v) for k, v in ckpts.__dict__.items() if v is not None},
+            "kv_cache_gib": kv_space_gib(preset, workload),
+            "modes": {},
+        }
+        for mode in modes:
+            systems = [s for s in preset.systems if not only or s in only]
+            if args.doge_alt:
+                systems.insert(1, "doge_alt")
+            entry["modes"][mode] = run_group(
+                name, preset, mode, workload, ckpts, reps, 1000 * (index + 1), log_dir, timeouts, args.threads,
+                systems, args.doge_alt and str(Path(args.doge_alt).resolve()),
+            )  # fmt: skip
+        ratio_mode = "compiled" if "compiled" in entry["modes"] else modes[0]
+        ratios = {k: v for k, v in entry["modes"][ratio_mode]["ratios"].items() if not k.endswith("_per_rep")}
+        kv, kv_detail = kv_ratio(entry["modes"])
+        if kv is None:  # from the layer attributes: padded head size P vs head_dim
+            group = entry["modes"][ratio_mode]["systems"].get("doge", {})
+            padded = group.get("info", {}).get("padded_head_size")
+            head_dim = entry["config"]["hidden_size"] // entry["config"]["num_attention_heads"]
+            if padded:
+                kv, kv_detail = padded[0] / head_dim, {"source": "DogeAttention.padded_head_size / head_dim"}
+        if kv is not None:
+            ratios["kv_bytes_per_token_over_qwen3"] = kv
+        entry["ratios"] = ratios
+        entry["ratios_cpu_time"] = {
+            k: v for k, v in entry["modes"][ratio_mode]["ratios_cpu_time"].items() if not k.endswith("_per_rep")
+        }
+        entry["ratios_mode"] = ratio_mode
+        entry["ratios_by_mode"] = {m: g["ratios"] for m, g in entry["modes"].items()}
+        entry["ratios_cpu_time_by_mode"] = {m: g["ratios_cpu_time"] for m, g in entry["modes"].items()}
+        entry["kv"] = kv_detail
+        results[name] = entry
+        # Written after every preset, so a long run leaves partial results if interrupted.
+        results["_meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+        results["_meta"]["load_average_at_end"] = os.getloadavg()
+        (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+
+    table = markdown_table(results, modes)
+    print("\n## Output tokens/s (median) and paired ratios\n")
+    print(table)
+    print("\nratios (per preset):")
+    for name in presets:
+        print(f"  {name} [{results[name]['ratios_mode']}]: " + json.dumps({k: round(v, 4) for k, v in results[name]["ratios"].items()}))
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
+    if plot(results, modes, RESULTS / f"{stem}.png"):
+        print(f"chart: {RESULTS / f'{stem}.png'}")
+    print(f"results: {RESULTS / f'{stem}.json'} ({time.monotonic() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
