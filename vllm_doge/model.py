@@ -1,4 +1,4 @@
-"""Native vLLM implementation of Doge (transformers-format checkpoints, `model_type: doge`).
+"""Native vLLM implementation of Doge (`model_type: doge`; transformers format and the legacy SmallDoge format).
 
 Per decoder layer:
     x = input_residual ⊙ x + Attn(input_layernorm(x))
