@@ -37,6 +37,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .builder import BASE_CONFIG
 from .cdmoe import DogeCDMoE, DogeMLP
 from .layers import RMSNorm, rotate_half
 
@@ -468,23 +469,14 @@ def is_legacy_checkpoint(path_or_config) -> bool:
 # Tiny legacy checkpoints for tests
 
 
+# The builder's tiny shape (tying is that format's default, so it is left out of config.json).
 LEGACY_BASE = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    {k: v for k, v in BASE_CONFIG.items() if k not in ("tie_word_embeddings", "dtype")},
     hidden_bias=False,
     hidden_dropout=0.0,
     hidden_act="silu",
     initializer_range=0.02,
-    rms_norm_eps=1e-6,
     use_cache=True,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=2,
-    max_position_embeddings=512,
     rope_theta=10000.0,
     rope_scaling={"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 512},
     attention_dropout=0.0,
