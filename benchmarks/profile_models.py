@@ -43,6 +43,10 @@ OUT = HERE / "results" / "profile"
 # (category, regex on the operator name), first match wins. Names are those of vLLM 0.32's CPU build
 # and torch 2.13 (aten::, _C::, vllm::, inductor's cpp_fused_*).
 CATEGORIES = [
+    # inductor's fused C++ kernels are named after the aten ops they absorb (e.g. "..._onednn_mm_silu_..."
+    # for the SiLU-and-mul next to a GEMM): match them before any aten name.
+    ("compiled kernels (inductor)", r"cpp_fused|graph_\d+_kernel|kernel_cpp"),
+    ("compiled-graph wrappers", r"Call CompiledFxGraph|Torch-Compiled Region|CompiledFunction|Pregraph bytecode|AOTDispatcher"),
     ("attention kernel", r"cpu_attention_with_kv_cache|cpu_attn_|unified_attention|paged_attention"),
     ("KV cache write", r"reshape_and_cache|unified_kv_cache_update|kv_cache_update"),
     ("GEMM (linear, lm_head)", r"aten::(addmm|mm|bmm|matmul|linear|baddbmm)$|onednn|mkldnn|_C::.*gemm|_C::.*mm$|extern_kernels"),
@@ -50,8 +54,7 @@ CATEGORIES = [
     ("RMSNorm", r"rms_norm"),
     ("RoPE", r"rotary"),
     ("SiLU-and-mul", r"silu_and_mul|aten::silu"),
-    ("top-k / sort / sampling", r"aten::(topk|sort|argmax|max|softmax|_softmax|log_softmax|_log_softmax|multinomial|exponential_|div_)$"),
-    ("compiled kernels (inductor)", r"cpp_fused|graph_\d+_kernel|kernel_cpp|Torch-Compiled Region|CompiledFunction"),
+    ("top-k / sort / sampling", r"greedy|sampl|aten::(topk|sort|argmax|max|softmax|_softmax|log_softmax|_log_softmax|multinomial|exponential_|div_)$"),
     ("copies (cat, pad, copy, fill)", r"aten::(cat|constant_pad_nd|pad|copy_|clone|contiguous|fill_|zero_|zeros|new_zeros|new_full|full|empty|empty_strided|slice_scatter|_to_copy|to|as_strided_|index_put_|_index_put_impl_|masked_fill_)$"),
     ("elementwise math", r"aten::(mul|add|sub|div|exp|softplus|sum|mean|pow|rsqrt|neg|where|clamp|sigmoid|tanh|abs|eq|ne|lt|gt|ge|le|bitwise_.*|logical_.*|cumsum|arange|addcmul|lerp)_?$"),
     ("views / metadata", r"aten::(view|reshape|slice|select|split|split_with_sizes|narrow|unsqueeze|squeeze|transpose|t|permute|expand|as_strided|detach|alias|_unsafe_view|unbind|chunk|lift_fresh|item|_local_scalar_dense|numpy_T|resolve_conj|resolve_neg|is_nonzero|result_type)$"),
@@ -86,6 +89,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per system (0: defaults)")
     parser.add_argument("--doge-path", default=None, help="prepend to PYTHONPATH for the doge system (a modified copy)")
     parser.add_argument("--tag", default="", help="suffix of the output files")
+    parser.add_argument("--from-files", action="store_true", help="only re-summarise the JSON files of an earlier run")
     args = parser.parse_args()
 
     preset = PRESETS[args.preset]
@@ -93,7 +97,7 @@ def main() -> None:
     requests = args.requests or base.requests
     prompt_len = args.prompt_len or base.prompt_len
     max_tokens = args.max_tokens or base.max_tokens
-    ckpts = build_checkpoints(args.preset, preset)
+    ckpts = None if args.from_files else build_checkpoints(args.preset, preset)
     OUT.mkdir(parents=True, exist_ok=True)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     print(f"# profile {args.preset}: {requests} x ({prompt_len} -> {max_tokens}), systems {systems}", flush=True)
@@ -105,6 +109,12 @@ def main() -> None:
         summaries, walls = {}, {}
         for system in systems:
             stem = f"{args.preset}.{mode}.{system}{args.tag}"
+            if args.from_files:
+                saved = json.loads((OUT / f"{stem}.json").read_text())
+                earlier = json.loads((OUT / f"{args.preset}.{mode}{args.tag}.summary.json").read_text())["walls"][system]
+                summaries[system] = summarise(saved["ops"], saved["result"]["elapsed_s"])
+                walls[system] = tuple(earlier)
+                continue
             sys_env = dict(env)
             if system == "doge" and args.doge_path:
                 sys_env["PYTHONPATH"] = os.pathsep.join([args.doge_path, env.get("PYTHONPATH", "")]).strip(os.pathsep)
