@@ -7,6 +7,7 @@ hand-built ``CPUAttentionMetadata``, and results are compared with a plain float
 queries that applies the keep window by sorting biases.
 """
 
+import itertools
 import math
 import types
 
@@ -26,6 +27,7 @@ from vllm.v1.attention.backends.cpu_attn import (  # noqa: E402
 )
 
 from vllm_doge.keep_window import (  # noqa: E402
+    evicted_bias,
     gather_kv,
     keep_window_attention,
     probe_block_layout,
@@ -40,13 +42,14 @@ BLOCK = 32
 # --------------------------------------------------------------------------------------------------
 
 
-def _config(dtype: torch.dtype, max_model_len: int | None = 4096) -> VllmConfig:
+def _config(dtype: torch.dtype, max_model_len: int | None = 4096, prefix_caching: bool = True) -> VllmConfig:
     """A VllmConfig whose model_config carries just what Attention/CPU impl construction reads."""
     cfg = VllmConfig()
     stub = types.SimpleNamespace(
         dtype=dtype, is_mm_prefix_lm=False, rswa_window=None, max_model_len=max_model_len
     )
     object.__setattr__(cfg, "model_config", stub)
+    cfg.cache_config.enable_prefix_caching = prefix_caching
     return cfg
 
 
@@ -296,6 +299,42 @@ def test_keep_window_attention_key_subrange():
 # --------------------------------------------------------------------------------------------------
 
 
+def _metadata(attn, q_lens, seq_lens, block_table, slot_mapping, kv_heads, dtype, window) -> CPUAttentionMetadata:
+    """What CPUAttentionMetadataBuilder would build for one step of these requests."""
+    qsl = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    return CPUAttentionMetadata(
+        num_actual_tokens=int(qsl[-1]),
+        max_query_len=max(q_lens),
+        query_start_loc=qsl,
+        max_seq_len=max(seq_lens),
+        seq_lens=sl,
+        block_table=block_table,
+        slot_mapping=slot_mapping,
+        scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(q_lens),
+            num_heads=attn.num_heads,
+            num_kv_heads=kv_heads,
+            head_dim=attn.head_size,
+            seq_lens=sl,
+            dtype=dtype,
+            query_start_loc=qsl,
+            causal=True,
+            sliding_window_size=-1 if window is None else window,
+            isa=attn.isa,
+            enable_kv_split=False,
+        ),
+        causal=True,
+    )
+
+
+def _step(attn, cfg, md, query, key, value) -> torch.Tensor:
+    """One forward of the Attention layer (cache update, then attention) -> [T, H, P]."""
+    name = attn.layer_name
+    with set_current_vllm_config(cfg), set_forward_context({name: md}, cfg, slot_mapping={name: md.slot_mapping}):
+        return attn(query, key, value).view(-1, attn.num_heads, attn.head_size)
+
+
 def _run_batch(attn, cfg, requests, *, num_heads, kv_heads, d, padded, dtype, keep, window, gen, ties=False):
     """requests: list of (context_len, new_len). Writes each context into the cache with the
     backend's routine (earlier steps / prefix-cache hits), then runs one mixed step through
@@ -349,35 +388,9 @@ def _run_batch(attn, cfg, requests, *, num_heads, kv_heads, d, padded, dtype, ke
     key = torch.cat(keys).reshape(-1, kv_heads * padded)
     value = torch.cat(vals).reshape(-1, kv_heads * padded)
     slot_mapping = torch.cat(slots)
-    qsl = torch.tensor(starts, dtype=torch.int32)
-    sl = torch.tensor(seq_lens, dtype=torch.int32)
-    md = CPUAttentionMetadata(
-        num_actual_tokens=starts[-1],
-        max_query_len=max(n for _, n in requests),
-        query_start_loc=qsl,
-        max_seq_len=max(seq_lens),
-        seq_lens=sl,
-        block_table=block_table,
-        slot_mapping=slot_mapping,
-        scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=len(requests),
-            num_heads=num_heads,
-            num_kv_heads=kv_heads,
-            head_dim=padded,
-            seq_lens=sl,
-            dtype=dtype,
-            query_start_loc=qsl,
-            causal=True,
-            sliding_window_size=-1 if window is None else window,
-            isa=attn.isa,
-            enable_kv_split=False,
-        ),
-        causal=True,
-    )
+    md = _metadata(attn, [n for _, n in requests], seq_lens, block_table, slot_mapping, kv_heads, dtype, window)
     snapshot = kv_cache.clone()
-    name = attn.layer_name
-    with set_current_vllm_config(cfg), set_forward_context({name: md}, cfg, slot_mapping={name: slot_mapping}):
-        out = attn(query, key, value).view(-1, num_heads, padded)
+    out = _step(attn, cfg, md, query, key, value)
     # The stock kernel alone, on the same cache (for the sanity check that W matters here).
     stock = torch.empty_like(out)
     inner = attn.impl
@@ -532,3 +545,71 @@ def test_refuses_inconsistent_settings():
             wrap_keep_window(attn, head_dim=80, keep_window_size=16, sliding_window=None)
         with pytest.raises(ValueError, match="keep_window_size"):
             wrap_keep_window(attn, head_dim=64, keep_window_size=0, sliding_window=None)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "d", "padded", "atol"),
+    [(torch.float32, 64, 80, 2e-5), (torch.float32, 32, 64, 2e-5), (torch.bfloat16, 64, 80, 3e-2)],
+)
+def test_eviction_over_steps(dtype, d, padded, atol):
+    """Prefix caching off: keys are evicted in the cache step after step (prefill chunks, then decodes);
+    every row equals the reference over the original keys (one-query rows come from the stock kernel
+    alone), and in the end each request's live keys are exactly its last query's top W."""
+    gen = torch.Generator().manual_seed(11)
+    num_heads, kv_heads, keep = 4, 2, 16
+    scale = d**-0.5
+    cfg = _config(dtype, max_model_len=256, prefix_caching=False)
+    attn = _attention(cfg, num_heads, kv_heads, padded, d, dtype)
+    with set_current_vllm_config(cfg):
+        wrap_keep_window(attn, head_dim=d, keep_window_size=keep, sliding_window=None)
+    assert object.__getattribute__(attn.impl, "_kw_config").evict
+    schedule = [  # each request's query count per step
+        [20, 15, 1, 1, 1, 1, 1, 1],  # chunked prefill across W, then decodes
+        [40, 1, 1, 1, 1, 1, 1, 1],  # one prefill step past W
+        [12, 1, 1, 1, 1, 1, 1, 1],  # crosses W while decoding
+        [30, 1, 3, 1, 1, 2, 1, 1],  # multi-query steps between decodes
+    ]
+    totals = [sum(steps) for steps in schedule]
+    max_blocks = math.ceil(max(totals) / BLOCK)
+    num_blocks = len(schedule) * max_blocks + 2
+    kv_cache = torch.zeros(num_blocks, kv_heads, BLOCK, 2 * padded, dtype=dtype)
+    attn.kv_cache = kv_cache
+    block_table = torch.randperm(num_blocks, generator=gen)[: len(schedule) * max_blocks].view(len(schedule), -1).int()
+    folded, biases = [], []
+    for total in totals:
+        q = torch.randn(total, num_heads, d, generator=gen)
+        k = torch.randn(total, kv_heads, d, generator=gen)
+        v = torch.randn(total, kv_heads, d, generator=gen)
+        biases.append(_bias(total, kv_heads, gen))
+        folded.append(tuple(t.to(dtype) for t in _fold(q, k, v, biases[-1], padded, scale)))
+    bias_coef = float(folded[0][0][0, 0, d].double()) * scale
+    done = [0] * len(schedule)
+    for step in range(len(schedule[0])):
+        q_lens = [steps[step] for steps in schedule]
+        rows = [torch.arange(done[r], done[r] + n) for r, n in enumerate(q_lens)]
+        slot_mapping = torch.cat([block_table[r].long()[pos // BLOCK] * BLOCK + pos % BLOCK for r, pos in enumerate(rows)])
+        seq_lens = [done[r] + n for r, n in enumerate(q_lens)]
+        md = _metadata(attn, q_lens, seq_lens, block_table, slot_mapping, kv_heads, dtype, None)
+        qf, kf, vf = (torch.cat([folded[r][i][pos] for r, pos in enumerate(rows)]) for i in range(3))
+        out = _step(attn, cfg, md, qf.flatten(1), kf.flatten(1), vf.flatten(1))
+        ref = torch.cat(
+            [
+                _reference(
+                    folded[r][0][pos, :, :d], folded[r][1][: seq_lens[r], :, :d], folded[r][2][: seq_lens[r], :, :d],
+                    folded[r][1][: seq_lens[r], :, d], pos, torch.arange(seq_lens[r]), scale, keep, None, bias_coef,
+                )
+                for r, pos in enumerate(rows)
+            ]
+        )  # fmt: skip
+        err = (out[..., :d].double() - ref).abs().max().item()
+        assert err <= atol, f"step {step}: {err}"
+        done = seq_lens
+    layout = probe_block_layout(attn.isa, dtype, BLOCK, padded)
+    dead = evicted_bias(dtype)
+    for r, total in enumerate(totals):
+        k, _ = gather_kv(kv_cache, layout, block_table[r], torch.arange(total))
+        for h in range(kv_heads):
+            ranked = sorted(range(total), key=lambda j: (-float(biases[r][j, h]), j))
+            live = (k[h, :, d] != dead).nonzero().flatten().tolist()
+            # The last step was a decode: its query saw every key, so W keys stay live.
+            assert live == sorted(ranked[:keep]), f"request {r}, kv head {h}"

@@ -39,6 +39,29 @@ def test_greedy_parity(checkpoints, prompts, preset):
     check_greedy_parity(reference, got, name=preset)
 
 
+def evicting_layers(llm) -> int:
+    """How many attention layers evict keys in the cache (see vllm_doge.keep_window)."""
+
+    def count(model):
+        impls = [m.impl for m in model.modules() if hasattr(m, "impl") and hasattr(m, "kv_cache")]
+        return sum(bool(getattr(getattr(impl, "_kw_config", None), "evict", False)) for impl in impls)
+
+    return sum(llm.apply_model(count))
+
+
+@pytest.mark.parametrize(("preset", "evicts"), [("keep-window", True), ("moe-keep-window", True), ("sliding", False)])
+def test_keep_window_without_prefix_caching(checkpoints, prompts, preset, evicts):
+    """Prefix caching off: the keep window evicts keys in the cache (no sliding window) instead of
+    recomputing decode rows; chunked prefill splits the long prompts."""
+    path = checkpoints(preset)
+    reference = reference_greedy(path, prompts, MAX_TOKENS)
+    options = dict(enable_prefix_caching=False, enable_chunked_prefill=True, max_num_batched_tokens=48)
+    with engine(path, **options) as llm:
+        assert (evicting_layers(llm) > 0) == evicts
+        got = vllm_greedy(llm, prompts, MAX_TOKENS)
+    check_greedy_parity(reference, got, name=f"evict-{preset}")
+
+
 def test_resolves_native_class(checkpoints):
     """With the plugin installed, vLLM picks vllm_doge's model, not the Transformers fallback."""
     with engine(checkpoints("dense-gqa")) as llm:
@@ -78,13 +101,15 @@ def test_chunked_prefill(checkpoints, prompts, preset):
     check_greedy_parity(reference, got, name=f"chunked-{preset}")
 
 
-def test_preemption(checkpoints):
-    """A KV cache of a few blocks forces preemption and recomputation; outputs must not change."""
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-caching", "evicting"])
+def test_preemption(checkpoints, prefix_caching):
+    """A KV cache of a few blocks forces preemption and recomputation; outputs must not change (with
+    eviction: the recomputed blocks are evicted anew)."""
     path = checkpoints("keep-window")
     prompts = make_prompts(seed=2, lengths=(40, 45, 50, 55, 60, 62, 64, 30))
     reference = reference_greedy(path, prompts, MAX_TOKENS)
     options = dict(num_gpu_blocks_override=8, block_size=32, max_model_len=128, max_num_seqs=8)
-    with engine(path, disable_log_stats=False, **options) as llm:
+    with engine(path, disable_log_stats=False, enable_prefix_caching=prefix_caching, **options) as llm:
         got = vllm_greedy(llm, prompts, MAX_TOKENS)
         preempted = counter(llm, "preempt")
     assert preempted > 0, "the tiny KV cache was meant to force preemption"

@@ -10,6 +10,16 @@ after the stock forward (which fills every output row), the rows of queries that
 are recomputed exactly from the paged cache (every key of the request is read back through its block
 table, so prefix-cache hits and chunked prefill are covered) and overwritten.
 
+Eviction (prefix caching off, no sliding window). The bias does not depend on the query, so the kept set
+only shrinks as a sequence grows: top-W(S ∪ {x}) = top-W(top-W(S) ∪ {x}), and a key that falls out of a
+query's window never comes back for a later query. Before the stock kernel runs, every key a request's
+first query of the step no longer keeps gets its cached bias overwritten with a huge negative value
+(:func:`evict_outside_window`; biases are exp(…) > 0, so it ranks below every live key): the kernel
+then gives it a weight of exactly 0, one-query rows need no fix-up, and only the later rows of
+multi-query steps (prefill chunks) are recomputed. Shared prefix-cache blocks must not be edited this
+way (another request's window differs), nor may a sliding window let keys return, so the wrapper evicts
+only when both are off.
+
 Where things happen in vLLM 0.32 (CPU):
 - ``Attention.forward`` runs ``torch.ops.vllm.unified_kv_cache_update`` (which calls
   ``impl.do_kv_cache_update`` -> ``torch.ops._C.cpu_attn_reshape_and_cache``) *before*
@@ -38,6 +48,8 @@ import torch
 
 __all__ = [
     "BlockLayout",
+    "evict_outside_window",
+    "evicted_bias",
     "gather_kv",
     "keep_window_attention",
     "key_order",
@@ -174,8 +186,8 @@ def probe_block_layout(isa: str, dtype: torch.dtype, block_size: int, head_size:
 
 
 def _pages(kv_cache: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, kv_heads, 2*block_size*P] view (a view as long as each page is contiguous)."""
-    return kv_cache.flatten(2)
+    """[num_blocks, kv_heads, 2*block_size*P], a view (eviction writes through it), as the backend's own."""
+    return kv_cache.view(*kv_cache.shape[:2], -1)
 
 
 def gather_kv(
@@ -363,10 +375,11 @@ _plan_slot: tuple | None = None
 
 
 def _build_plan(
-    md, keep_window_size: int, sliding_window: int | None, block_size: int, group_elements: int
+    md, keep_window_size: int, sliding_window: int | None, block_size: int, group_elements: int, decode_rows: bool
 ) -> _Plan:
     """Rows to recompute. ``group_elements``: most key slots (requests x padded keys) per decode
-    group, so that a group's gathered keys or values stay within the working-set budget."""
+    group, so that a group's gathered keys or values stay within the working-set budget.
+    ``decode_rows``: False when eviction already made one-query rows exact."""
     W, sw, bs = keep_window_size, sliding_window, block_size
     num_reqs = md.seq_lens.shape[0]
     qsl = md.query_start_loc[: num_reqs + 1].long()
@@ -374,7 +387,7 @@ def _build_plan(
     q_lens = qsl[1:] - qsl[:-1]
     # Query at absolute position p sees min(p + 1, sw) keys; rows to redo have p >= W (sw > W).
     needs = (seq_lens > W) & (q_lens > 0)
-    is_decode = needs & (q_lens == 1)
+    is_decode = needs & (q_lens == 1) & decode_rows
     multi = (needs & (q_lens > 1)).nonzero().flatten().tolist()
 
     decode = []
@@ -423,14 +436,14 @@ def _build_plan(
 
 
 def _plan_for(
-    md, keep_window_size: int, sliding_window: int | None, block_size: int, group_elements: int
+    md, keep_window_size: int, sliding_window: int | None, block_size: int, group_elements: int, decode_rows: bool
 ) -> _Plan:
     global _plan_slot
-    key = (keep_window_size, sliding_window, block_size, group_elements, md.num_actual_tokens, md.max_seq_len)
+    key = (keep_window_size, sliding_window, block_size, group_elements, decode_rows, md.num_actual_tokens, md.max_seq_len)
     slot = _plan_slot
     if slot is not None and slot[0] is md and slot[1] == key:
         return slot[2]
-    plan = _build_plan(md, keep_window_size, sliding_window, block_size, group_elements)
+    plan = _build_plan(md, keep_window_size, sliding_window, block_size, group_elements, decode_rows)
     _plan_slot = (md, key, plan)  # holds a reference to md, so its identity cannot be reused
     return plan
 
@@ -493,6 +506,71 @@ def _fix_decode(
     scale: float,
     keep_window_size: int,
 ) -> None:
+    """A group of one-query requests at once (see `_fix_decode_kept` and `_fix_decode_full`)."""
+    if kv_cache.dtype == torch.float32 and layout.key_kind == "transposed" and layout.value_kind == "rows":
+        _fix_decode_kept(group, query, output, kv_cache, layout, head_dim, scale, keep_window_size)
+    else:
+        _fix_decode_full(group, query, output, kv_cache, layout, head_dim, scale, keep_window_size)
+
+
+def _fix_decode_kept(group, query, output, kv_cache, layout, head_dim, scale, keep_window_size) -> None:
+    """fp32 cache with K transposed and V in rows inside a page (the `vec`/`vec16` ISAs).
+
+    Ranks keys by the bias row of each page (channel `head_dim`, contiguous in the transposed K),
+    scores all keys with one batched matmul over whole gathered K pages, but takes the softmax over
+    the W kept scores only and reads only the W kept value rows (V is the larger gather otherwise).
+    Every buffer of page size comes from `_scratch`: fresh multi-MB tensors cost page faults.
+    """
+    pages = _pages(kv_cache)
+    bs, p = layout.block_size, layout.head_size
+    n = bs * p
+    kvh = pages.shape[1]
+    num_heads = query.shape[1]
+    groups = num_heads // kvh
+    rows, blocks = group.rows, group.blocks
+    num, width = blocks.shape
+    length = width * bs
+    W = keep_window_size
+    flat = blocks.flatten()
+
+    k_pages = pages[:, :, :n].unflatten(-1, (p, bs))  # [blocks, kvh, P, bs]
+    bias = k_pages[:, :, head_dim][blocks]  # [R, width, kvh, bs]
+    bias = bias.permute(2, 0, 1, 3).reshape(kvh, num, length)
+    ranked = key_order(bias, group.positions).masked_fill(~group.valid, _LOWEST)
+    top = ranked.topk(W, dim=-1, sorted=False).indices  # [kvh, R, W]
+
+    q = query[rows].float().view(num, kvh, groups, p).repeat_interleave(width, dim=0)  # [R*width, kvh, G, P]
+    out = torch.empty(num, kvh, groups, p)
+    keys = _scratch("keys", (num * width, n), torch.float32)
+    # Every token's K or V row of P channels, as rows of the whole cache (a view): a page is
+    # [2*bs rows of P] with the values in rows bs..2*bs-1 (the V half is in rows in this layout).
+    v_rows = pages.view(-1, p)
+    kept_v = _scratch("values", (num * W, p), torch.float32)
+    for h in range(kvh):
+        # Whole K pages of this head (a row-contiguous copy), then one bmm per page:
+        # [R*width, G, P] @ [R*width, P, bs] -> [R, width, G, bs] -> [R, G, L]
+        torch.index_select(pages[:, h, :n], 0, flat, out=keys)
+        scores = torch.bmm(q[:, h], keys.view(num * width, p, bs))
+        scores = scores.view(num, width, groups, bs).transpose(1, 2).reshape(num, groups, length)
+        idx = top[h]  # [R, W]
+        kept = scores.gather(-1, idx[:, None, :].expand(-1, groups, -1)).mul_(scale)
+        probs = kept.softmax(dim=-1)  # [R, G, W]
+        slot = (blocks.gather(1, idx // bs) * kvh + h) * (2 * bs) + bs + idx % bs
+        torch.index_select(v_rows, 0, slot.flatten(), out=kept_v)
+        torch.bmm(probs, kept_v.view(num, W, p), out=out[:, h])
+    output[rows] = out.view(num, num_heads, p).to(output.dtype)
+
+
+def _fix_decode_full(
+    group: _DecodeGroup,
+    query: torch.Tensor,
+    output: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layout: BlockLayout,
+    head_dim: int,
+    scale: float,
+    keep_window_size: int,
+) -> None:
     """A group of one-query requests at once.
 
     Copies the keys of the requests' blocks into [kv_heads, P, R, keys] fp32, scores every key
@@ -530,6 +608,54 @@ def _fix_decode(
 
 
 # --------------------------------------------------------------------------------------------------
+# Eviction
+# --------------------------------------------------------------------------------------------------
+
+
+def evicted_bias(dtype: torch.dtype) -> torch.Tensor:
+    """The cached bias of an evicted key: below every live bias (those are exp(…) > 0), and so negative
+    that its score's exp() is exactly 0, yet finite after the fold's ×1/scale (up to head size 4096),
+    so that the zero channels of other heads give 0·bias = 0, never NaN."""
+    return torch.tensor(-torch.finfo(dtype).max / 64, dtype=dtype)
+
+
+@torch.no_grad()
+def evict_outside_window(kv_cache: torch.Tensor, layout: BlockLayout, md, head_dim: int, keep_window_size: int) -> None:
+    """Evict, in the cache, the keys that each request's first query of this step does not keep.
+
+    That query sees positions < ``seq_len - query_len + 1``; of those only its top W by (bias,
+    earlier position) stay live. Reads and writes only the bias channel (``layout.key_index[:, d]``),
+    through the block table. In steady decoding one key per request and layer is evicted per step.
+    """
+    W, bs = keep_window_size, layout.block_size
+    num_reqs = md.seq_lens.shape[0]
+    qsl = md.query_start_loc[: num_reqs + 1].long()
+    q_lens = qsl[1:] - qsl[:-1]
+    seen = md.seq_lens.long() - q_lens + 1
+    reqs = ((q_lens > 0) & (seen > W)).nonzero().flatten()
+    if reqs.numel() == 0:
+        return
+    seen = seen[reqs]
+    width = int(seen.max() + bs - 1) // bs
+    blocks = md.block_table[reqs, :width].long()  # [R, width]
+    pages = _pages(kv_cache)
+    kvh = pages.shape[1]
+    offsets = layout.key_index[:, head_dim]  # [bs] page offset of each token's bias
+    heads = torch.arange(kvh)
+    bias = pages[blocks[:, :, None, None], heads[:, None], offsets]  # [R, width, kvh, bs]
+    bias = bias.permute(2, 0, 1, 3).reshape(kvh, reqs.numel(), width * bs)
+    positions = torch.arange(width * bs)
+    live = positions < seen[:, None]  # [R, L]
+    ranked = key_order(bias, positions).masked_fill(~live, _LOWEST)
+    top = ranked.topk(W, dim=-1, sorted=False).indices  # [kvh, R, W]
+    dead = evicted_bias(kv_cache.dtype)
+    drop = (live & (bias != dead)).scatter_(-1, top, False)  # keys to evict now
+    h, r, k = drop.nonzero(as_tuple=True)
+    if h.numel():
+        pages[blocks[r, k // bs], h, offsets[k % bs]] = dead
+
+
+# --------------------------------------------------------------------------------------------------
 # The wrapper
 # --------------------------------------------------------------------------------------------------
 
@@ -539,9 +665,10 @@ class _KeepWindowConfig:
     head_dim: int
     keep_window_size: int
     sliding_window: int | None
+    evict: bool  # evict keys in the cache (prefix caching off, no sliding window), see the module doc
 
 
-_OWN = frozenset({"forward", "_kw_inner", "_kw_config", "_kw_fix", "_kw_layout"})
+_OWN = frozenset({"forward", "_kw_inner", "_kw_config", "_kw_fix", "_kw_layout", "_kw_needed"})
 
 
 class _KeepWindowMixin:
@@ -578,6 +705,9 @@ class _KeepWindowMixin:
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if attn_metadata is not None and self._kw_config.evict and self._kw_needed(kv_cache, attn_metadata):
+            cfg = self._kw_config
+            evict_outside_window(kv_cache, self._kw_layout(layer, kv_cache), attn_metadata, cfg.head_dim, cfg.keep_window_size)
         result = self._kw_inner.forward(
             layer,
             query,
@@ -602,20 +732,25 @@ class _KeepWindowMixin:
             isa = _get_attn_isa(kv_cache.dtype, block_size, head_size)
         return probe_block_layout(isa, kv_cache.dtype, block_size, head_size)
 
+    def _kw_needed(self, kv_cache, md) -> bool:
+        """Whether a query of this step may see more than W keys (else the folded kernel is exact)."""
+        W, sw = self._kw_config.keep_window_size, self._kw_config.sliding_window
+        if md.max_seq_len <= W or (sw is not None and sw <= W) or kv_cache.numel() == 0:
+            return False
+        if md.causal is not True or md.dynamic_causal is not None:
+            raise RuntimeError("Doge keep window: only causal decoder attention is supported")
+        return True
+
     def _kw_fix(self, layer, query, kv_cache, md, output) -> None:
         cfg = self._kw_config
         W, sw = cfg.keep_window_size, cfg.sliding_window
-        if md.max_seq_len <= W or (sw is not None and sw <= W):
-            return  # no query sees more than W keys: the folded kernel is already exact
-        if kv_cache.numel() == 0:
+        if not self._kw_needed(kv_cache, md):
             return
-        if md.causal is not True or md.dynamic_causal is not None:
-            raise RuntimeError("Doge keep window: only causal decoder attention is supported")
         inner = self._kw_inner
         block_size = kv_cache.shape[2]
         layout = self._kw_layout(layer, kv_cache)
         per_key = kv_cache.shape[1] * kv_cache.shape[3] // 2  # kv_heads * P elements per key
-        plan = _plan_for(md, W, sw, block_size, max(block_size, _GATHER_BUDGET // per_key))
+        plan = _plan_for(md, W, sw, block_size, max(block_size, _GATHER_BUDGET // per_key), not cfg.evict)
         scale = inner.scale
         for group in plan.decode:
             _fix_decode(group, query, output, kv_cache, layout, cfg.head_dim, scale, W)
@@ -642,22 +777,30 @@ def _wrapper_class(impl_cls: type) -> type:
     return type(f"KeepWindow{impl_cls.__name__}", (_KeepWindowMixin, impl_cls), {})
 
 
-def _max_model_len() -> int | None:
+def _current_config():
     try:
         from vllm.config import get_current_vllm_config_or_none
     except ImportError:  # pragma: no cover
         return None
-    cfg = get_current_vllm_config_or_none()
-    model_config = getattr(cfg, "model_config", None)
-    value = getattr(model_config, "max_model_len", None)
+    return get_current_vllm_config_or_none()
+
+
+def _max_model_len() -> int | None:
+    value = getattr(getattr(_current_config(), "model_config", None), "max_model_len", None)
     return value if isinstance(value, int) else None
+
+
+def _prefix_caching() -> bool:
+    cache_config = getattr(_current_config(), "cache_config", None)
+    return bool(getattr(cache_config, "enable_prefix_caching", True))
 
 
 def wrap_keep_window(attn, *, head_dim: int, keep_window_size: int, sliding_window: int | None) -> None:
     """Make ``attn`` (a vLLM ``Attention`` built with the folded head size) honour the keep window.
 
     Replaces ``attn.impl`` by a wrapper that runs the stock forward and then recomputes exactly the
-    rows of queries that see more than ``keep_window_size`` keys. Does nothing when no query can
+    rows of queries that see more than ``keep_window_size`` keys (with prefix caching off and no
+    sliding window, it first evicts keys in the cache, and one-query rows need no recomputation). Does nothing when no query can
     see more than W keys (``max_model_len <= W`` or ``sliding_window <= W``); otherwise requires
     vLLM's CPU backend and raises ``ValueError`` for any other backend or unsupported setting.
     """
@@ -705,6 +848,11 @@ def wrap_keep_window(attn, *, head_dim: int, keep_window_size: int, sliding_wind
 
     wrapper = object.__new__(_wrapper_class(type(impl)))
     object.__setattr__(wrapper, "_kw_inner", impl)
-    config = _KeepWindowConfig(head_dim=head_dim, keep_window_size=keep_window_size, sliding_window=sliding_window)
+    config = _KeepWindowConfig(
+        head_dim=head_dim,
+        keep_window_size=keep_window_size,
+        sliding_window=sliding_window,
+        evict=sliding_window is None and not _prefix_caching(),
+    )
     object.__setattr__(wrapper, "_kw_config", config)
     attn.impl = wrapper
