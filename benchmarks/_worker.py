@@ -75,6 +75,7 @@ class VllmSystem:
             model_impl=args.impl,
             gpu_memory_utilization=0.3,
             seed=0,
+            enable_prefix_caching=not args.no_prefix_caching,
         )
         if args.max_model_len:
             options["max_model_len"] = args.max_model_len
@@ -122,6 +123,7 @@ class VllmSystem:
         model = self._model()
         if model is not None:
             info["model_class"] = f"{type(model).__module__}.{type(model).__name__}"
+            info["model_file"] = sys.modules[type(model).__module__].__file__
             padded = {getattr(m, "padded_head_size", None) for m in model.modules()} - {None}
             if padded:
                 info["padded_head_size"] = sorted(padded)
@@ -257,6 +259,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["eager", "compiled"], default="eager")
     parser.add_argument("--impl", default="auto", help="vLLM model_impl (auto, vllm, transformers)")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--no-prefix-caching", action="store_true", help="enable_prefix_caching=False")
     args = parser.parse_args()
 
     reply = _Reply()

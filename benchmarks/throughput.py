@@ -1,8 +1,10 @@
 """Offline generation throughput of vllm_doge against the engine's limit and the alternatives.
 
-    python benchmarks/throughput.py                      # every preset, eager and compiled, 5 reps
-    python benchmarks/throughput.py --quick              # smoke run: doge-20m, 16 x (64 -> 64), 2 reps
+    python benchmarks/throughput.py                      # every preset, eager and compiled, 2 rounds x 3 reps
+    python benchmarks/throughput.py --quick              # smoke run: doge-20m, 16 x (64 -> 64), 1 round x 2 reps
     python benchmarks/throughput.py --presets doge-20m,doge-20m-moe --modes eager --reps 3
+    python benchmarks/throughput.py --presets doge-20m --systems doge,qwen3 --doge-alt /tmp/copy  # A/B a change
+    python benchmarks/throughput.py --report latest      # re-print the table and redraw the chart from JSON
 
 For each shape preset, on one workload (N requests of L random prompt token ids, M generated tokens,
 greedy, EOS ignored, fp32), the systems are timed in alternation, each repetition in a rotated order,
@@ -21,7 +23,16 @@ vLLM systems run in `enforce_eager=True` ("eager") and the default torch.compile
 Every system runs in its own process (benchmarks/_worker.py); all processes of a (preset, mode) group
 start first (untimed), each does one untimed warm-up run, then the timed repetitions alternate between
 them. Each repetition draws fresh prompts (the same for every system in that repetition), so vLLM's
-prefix cache never hits across repetitions.
+prefix cache never hits across repetitions. A group runs in `--rounds` rounds, each with freshly
+started processes: on this machine two engine instances of one model differ by a few percent (measured:
+vllm_doge and a copy of it whose code change is worth ~0.1% of the work, alternated, came out 1-5%
+apart, each pair of instances consistently in one direction), so repetitions inside one instance alone
+understate the spread.
+
+Noise: each system gets one thread by default (`--threads`). On a shared 2-core machine an OpenMP team
+of 2 threads stalls at every barrier when another process holds a core: measured under load, the same
+vllm_doge run took 1.3 s or 9.2 s; with one thread, repetitions stay within a few percent. Wall time and process CPU time are
+both recorded; `ratios_cpu_time` (tokens per CPU second) is the less load-sensitive of the two.
 
 Output: a markdown table on stdout, benchmarks/results/<name>.json (name: latest, or quick with
 --quick) with the raw per-repetition numbers and, per preset, `ratios` (medians of ratios paired within
@@ -94,6 +105,7 @@ class Preset:
     workload: str  # key of WORKLOADS[...]
     systems: tuple[str, ...]
     note: str = ""
+    prefix_caching: bool = True  # vLLM's default; every vLLM system of the preset runs with this setting
 
 
 PRESETS = {
@@ -111,8 +123,15 @@ PRESETS = {
         ("doge", "qwen3"),
         "Doge-20M shape, keep_window_size 256 < context: the exact keep-window path runs",
     ),
+    "doge-20m-long-evict": Preset(
+        {**DOGE_20M, "keep_window_size": 256},
+        "long",
+        ("doge", "qwen3"),
+        "as doge-20m-long with prefix caching off (both systems): the keep window evicts keys in the cache",
+        prefix_caching=False,
+    ),
 }
-FULL_PRESETS = ["doge-20m", "doge-60m", "doge-20m-moe", "doge-20m-long"]
+FULL_PRESETS = ["doge-20m", "doge-60m", "doge-20m-moe", "doge-20m-long", "doge-20m-long-evict"]
 QUICK_PRESETS = ["doge-20m"]
 
 RATIOS = {  # ratio key -> (numerator, denominator): output tokens/s, paired per repetition
@@ -149,14 +168,15 @@ def build_checkpoints(name: str, preset: Preset) -> Checkpoints:
     return Checkpoints(doge, qwen3, dense)
 
 
-def worker_argv(system: str, mode: str, ckpts: Checkpoints) -> list[str]:
+def worker_argv(system: str, mode: str, ckpts: Checkpoints, preset: Preset) -> list[str]:
     base = [sys.executable, str(WORKER)]
     if system == "hf":
         return base + ["--system", "hf", "--model", str(ckpts.doge)]
     model = {"doge": ckpts.doge, "doge_alt": ckpts.doge, "fallback": ckpts.doge, "qwen3": ckpts.qwen3,
              "dense": ckpts.dense}[system]  # fmt: skip
     impl = "transformers" if system == "fallback" else "auto"
-    return base + ["--system", "vllm", "--model", str(model), "--mode", mode, "--impl", impl]
+    argv = base + ["--system", "vllm", "--model", str(model), "--mode", mode, "--impl", impl]
+    return argv if preset.prefix_caching else argv + ["--no-prefix-caching"]
 
 
 def kv_space_gib(preset: Preset, workload: Workload) -> int:
@@ -263,31 +283,33 @@ def worker_env(kv_gib: int, threads: int | None) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_group(name, preset, mode, workload, ckpts, reps, seed_base, log_dir, timeouts, threads, systems, alt) -> dict:
+METRICS = ("elapsed_s", "cpu_s", "output_tokens", "tok_s", "tok_per_cpu_s", "load", "first_tokens", "rep_ids")
+
+
+def run_round(name, preset, mode, workload, ckpts, reps, seed_base, log_dir, timeouts, threads, systems, alt, rnd) -> dict:
+    """Start every system of a (preset, mode) group, warm each up once, then alternate `reps` timed runs."""
     env = worker_env(kv_space_gib(preset, workload), threads)
     group = {"systems": {}, "order": [], "errors": {}}
     workers: dict[str, Worker] = {}
+    tag = f"[{name} {mode}{f' round {rnd + 1}' if rnd else ''}]"
     try:
         for system in systems:  # started one after another: engine start is never timed
-            log = log_dir / f"{name}.{mode}.{system}.log"
-            print(f"  [{name} {mode}] starting {system} ...", flush=True)
+            log = log_dir / f"{name}.{mode}.{system}.r{rnd + 1}.log"
+            print(f"  {tag} starting {system} ...", flush=True)
             system_env = env
             if system == "doge_alt":  # the copy's vllm_doge comes first on sys.path (before the editable install)
                 system_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (alt, env.get("PYTHONPATH")) if p)}
-            worker = Worker(system, worker_argv(system, mode, ckpts), system_env, log)
+            worker = Worker(system, worker_argv(system, mode, ckpts, preset), system_env, log)
             try:
                 worker.info = worker.receive(timeouts["start"])["info"]
             except WorkerError as exc:
-                print(f"  [{name} {mode}] {system} failed to start: {str(exc)[:2000]}", flush=True)
+                print(f"  {tag} {system} failed to start: {str(exc)[:2000]}", flush=True)
                 group["errors"][system] = str(exc)[-4000:]
                 worker.close(timeout=10)
                 continue
-            print(f"  [{name} {mode}] {system} ready in {worker.info.get('start_s')} s", flush=True)
+            print(f"  {tag} {system} ready in {worker.info.get('start_s')} s", flush=True)
             workers[system] = worker
-            group["systems"][system] = {
-                "info": worker.info, "elapsed_s": [], "cpu_s": [], "output_tokens": [], "tok_s": [],
-                "tok_per_cpu_s": [], "load": [],
-            }  # fmt: skip
+            group["systems"][system] = {"info": worker.info, **{m: [] for m in METRICS}}
 
         def run(system: str, seed: int) -> dict | None:
             try:
@@ -296,7 +318,7 @@ def run_group(name, preset, mode, workload, ckpts, reps, seed_base, log_dir, tim
                     prompt_len=workload.prompt_len, max_tokens=workload.max_tokens,
                 )  # fmt: skip
             except WorkerError as exc:
-                print(f"  [{name} {mode}] {system} run failed: {str(exc)[:2000]}", flush=True)
+                print(f"  {tag} {system} run failed: {str(exc)[:2000]}", flush=True)
                 group["errors"][system] = str(exc)[-4000:]
                 workers.pop(system).close(timeout=10)
                 return None
@@ -314,36 +336,51 @@ def run_group(name, preset, mode, workload, ckpts, reps, seed_base, log_dir, tim
                 if result is None:
                     continue
                 if result["output_tokens"] != expected:
-                    print(f"  [{name} {mode}] {system}: {result['output_tokens']} tokens, expected {expected}")
+                    print(f"  {tag} {system}: {result['output_tokens']} tokens, expected {expected}")
                 record = group["systems"][system]
+                record["rep_ids"].append(f"{rnd + 1}.{rep + 1}")
                 record["elapsed_s"].append(result["elapsed_s"])
                 record["output_tokens"].append(result["output_tokens"])
                 record["cpu_s"].append(result["cpu_s"])
                 record["tok_s"].append(result["output_tokens"] / result["elapsed_s"])
                 record["tok_per_cpu_s"].append(result["output_tokens"] / result["cpu_s"])
                 record["load"].append(result["load"])
-                record.setdefault("first_tokens", []).append(result.get("head"))
+                record["first_tokens"].append(result.get("head"))
                 print(
-                    f"  [{name} {mode}] rep {rep + 1}/{reps} {system:8s} {record['tok_s'][-1]:8.1f} tok/s "
+                    f"  {tag} rep {rep + 1}/{reps} {system:8s} {record['tok_s'][-1]:8.1f} tok/s "
                     f"({result['elapsed_s']:.2f} s wall, {result['cpu_s']:.2f} s CPU, load {result['load']:.1f})",
                     flush=True,
                 )
     finally:
         for worker in workers.values():
             worker.close()
+    return group
 
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One group from several rounds (fresh processes each): lists concatenated, medians and ratios over all."""
+    group = {"systems": {}, "order": [], "errors": {}, "rounds": len(rounds)}
+    for rnd, part in enumerate(rounds):
+        group["order"] += part["order"]
+        group["errors"].update({f"{s} (round {rnd + 1})": e for s, e in part["errors"].items()})
+        for system, record in part["systems"].items():
+            merged = group["systems"].setdefault(system, {"info": record["info"], "start_s": [], **{m: [] for m in METRICS}})
+            merged["start_s"].append(record["info"].get("start_s"))
+            for m in METRICS:
+                merged[m] += record[m]
     for record in group["systems"].values():
         record["median_tok_s"] = statistics.median(record["tok_s"]) if record["tok_s"] else None
         record["median_tok_per_cpu_s"] = statistics.median(record["tok_per_cpu_s"]) if record["tok_per_cpu_s"] else None
     # A correctness smell test, not a parity test: the first 8 greedy tokens of request 0, per repetition,
-    # against transformers' DogeForCausalLM (hf) on the same prompts where it ran.
-    ref = group["systems"].get("hf", {}).get("first_tokens")
+    # against transformers' DogeForCausalLM (hf) on the same prompts, where it ran.
+    ref = dict(zip(group["systems"].get("hf", {}).get("rep_ids", []), group["systems"].get("hf", {}).get("first_tokens", [])))
     if ref:
-        group["first_tokens_match_hf"] = {
-            s: sum(a == b for a, b in zip(r.get("first_tokens", []), ref)) / len(ref)
-            for s, r in group["systems"].items()
-            if s not in ("hf", "qwen3", "dense")  # qwen3 and dense are other models
-        }
+        group["first_tokens_match_hf"] = {}
+        for system, record in group["systems"].items():
+            if system in ("hf", "qwen3", "dense"):  # qwen3 and dense are other models
+                continue
+            same = [ref[i] == t for i, t in zip(record["rep_ids"], record["first_tokens"]) if i in ref]
+            group["first_tokens_match_hf"][system] = sum(same) / len(same) if same else None
     group["ratios"] = paired_ratios(group, "tok_s")
     group["ratios_cpu_time"] = paired_ratios(group, "tok_per_cpu_s")
     return group
@@ -356,9 +393,10 @@ def paired_ratios(group: dict, metric: str) -> dict:
     for key, (num, den) in RATIOS.items():
         if num not in systems or den not in systems:
             continue
-        a, b = systems[num][metric], systems[den][metric]
-        pairs = [x / y for x, y in zip(a, b)]
-        if pairs and len(a) == len(b):
+        a = dict(zip(systems[num]["rep_ids"], systems[num][metric]))
+        b = dict(zip(systems[den]["rep_ids"], systems[den][metric]))
+        pairs = [a[i] / b[i] for i in a if i in b]
+        if pairs:
             out[key] = statistics.median(pairs)
             out[key + "_per_rep"] = pairs
     return out
@@ -393,9 +431,10 @@ def fmt(value, digits=1):
 
 
 def markdown_table(results: dict, modes: list[str]) -> str:
-    present = {s for p in results.values() if "modes" in p for g in p["modes"].values() for s in g["systems"]}
+    groups = [g for n, p in results.items() if not n.startswith("_") for g in p["modes"].values()]
+    present = {s for g in groups for s in g["systems"]}
     systems = [s for s in ["doge", "doge_alt", "qwen3", "fallback", "hf", "dense"] if s in present]
-    ratio_keys = [k for k in RATIOS if any(k in g["ratios"] for p in results.values() if "modes" in p for g in p["modes"].values())]
+    ratio_keys = [k for k in RATIOS if any(k in g["ratios"] for g in groups)]
     head = ["preset", "mode", *[f"{LABELS[s]} tok/s" for s in systems], *ratio_keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, preset in results.items():
@@ -427,8 +466,12 @@ def plot(results: dict, modes: list[str], path: Path) -> bool:
     systems = ["doge", "doge_alt", "dense", "qwen3", "fallback", "hf"]
     colors = {"doge": "#d62728", "doge_alt": "#9467bd", "dense": "#ff9896", "qwen3": "#1f77b4", "fallback": "#2ca02c",
               "hf": "#7f7f7f"}  # fmt: skip
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    cols = min(2, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
         groups = [m for m in modes if m in results[name]["modes"]]
         present = [s for s in systems if any(s in results[name]["modes"][m]["systems"] for m in groups)]
         width = 0.8 / max(1, len(present))
@@ -446,16 +489,21 @@ def plot(results: dict, modes: list[str], path: Path) -> bool:
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=LABELS[system], color=colors[system])
         ax.set_xticks(range(len(groups)), groups)
         ax.set_title(f"{name}\n{results[name]['workload']['describe']}", fontsize=9)
-        ax.set_ylabel("output tokens/s (median, min–max)")
+        ax.set_ylabel("output tokens/s")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = {}, {}
-    for ax in axes[0]:
+    for ax in axes.flat:
         for h, l in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(l, h)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(3, len(handles)), fontsize=8)
     meta = results["_meta"]
-    fig.suptitle(f"vllm-doge throughput, fp32, {meta['cpu_count']} CPU cores ({meta['date'][:10]})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    threads = meta.get("threads_per_system", "?")
+    fig.suptitle(
+        f"vllm-doge offline throughput, fp32, {threads} thread(s) per system on a {meta['cpu_count']}-core CPU "
+        f"({meta['date'][:10]}); bars: median, whiskers: min-max over repetitions",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0.07 if rows > 1 else 0.1, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -477,7 +525,12 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: smaller workload, 2 reps, doge-20m")
     parser.add_argument("--presets", default=None, help=f"comma-separated, from {list(PRESETS)}")
     parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per system (default 5; 2 quick)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per system and round (default 3; 2 quick)")
+    parser.add_argument(
+        "--rounds", type=int, default=None,
+        help="rounds per (preset, mode), each with freshly started processes (default 2; 1 quick): engine "
+        "instances differ by a few %% from one start to the next, repetitions within one do not",
+    )  # fmt: skip
     parser.add_argument("--name", default=None, help="results file stem (default latest; quick with --quick)")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -488,13 +541,22 @@ def main(argv=None) -> None:
     parser.add_argument("--doge-alt", default=None, metavar="DIR", help="also time vllm_doge imported from DIR")
     parser.add_argument("--start-timeout", type=float, default=1800.0, help="seconds for one engine start")
     parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds for one timed run")
+    parser.add_argument("--report", default=None, metavar="NAME", help="only re-render results/NAME.json (table, chart)")
     args = parser.parse_args(argv)
+
+    if args.report:
+        results = json.loads((RESULTS / f"{args.report}.json").read_text())
+        modes = results["_meta"]["modes"]
+        print(markdown_table(results, modes))
+        plot(results, modes, RESULTS / f"{args.report}.png")
+        return
 
     presets = parse_list(args.presets, list(PRESETS), "presets") if args.presets else (
         QUICK_PRESETS if args.quick else FULL_PRESETS
     )  # fmt: skip
     modes = parse_list(args.modes, ["eager", "compiled"], "modes")
-    reps = args.reps if args.reps is not None else (2 if args.quick else 5)
+    reps = args.reps if args.reps is not None else (2 if args.quick else 3)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
     workloads = WORKLOADS["quick" if args.quick else "full"]
     stem = args.name or ("quick" if args.quick else "latest")
     only = set(parse_list(args.systems, list(LABELS), "systems")) if args.systems else None
@@ -518,17 +580,19 @@ def main(argv=None) -> None:
             "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
             "dtype": "float32",
             "reps": reps,
+            "rounds": rounds,
             "threads_per_system": args.threads or "vLLM/torch default",
             "modes": modes,
             "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "per preset (GiB)"},
             "sampling": "SamplingParams(max_tokens=M, temperature=0, ignore_eos=True, detokenize=False)",
             "metric": "output tokens / wall seconds of one LLM.generate (or model.generate) call, prefill included",
-            "ratios": "median over repetitions of tok/s(first) / tok/s(second) measured in the same repetition; "
+            "ratios": "median over all repetitions (of all rounds) of tok/s(first) / tok/s(second) measured in the same "
+            "repetition; "
             "`ratios` of a preset = compiled mode if measured, else eager; `ratios_by_mode` has both",
             "logs": str(log_dir),
         }
     }
-    print(f"# vllm-doge throughput: presets {presets}, modes {modes}, {reps} reps, logs in {log_dir}", flush=True)
+    print(f"# vllm-doge throughput: presets {presets}, modes {modes}, {rounds} round(s) x {reps} reps, logs in {log_dir}", flush=True)
     started = time.monotonic()
     for index, name in enumerate(presets):
         preset = PRESETS[name]
@@ -547,10 +611,15 @@ def main(argv=None) -> None:
             systems = [s for s in preset.systems if not only or s in only]
             if args.doge_alt:
                 systems.insert(1, "doge_alt")
-            entry["modes"][mode] = run_group(
-                name, preset, mode, workload, ckpts, reps, 1000 * (index + 1), log_dir, timeouts, args.threads,
-                systems, args.doge_alt and str(Path(args.doge_alt).resolve()),
-            )  # fmt: skip
+            alt = args.doge_alt and str(Path(args.doge_alt).resolve())
+            parts = [
+                run_round(
+                    name, preset, mode, workload, ckpts, reps, 1000 * (index + 1) + 100 * rnd, log_dir, timeouts,
+                    args.threads, systems, alt, rnd,
+                )
+                for rnd in range(rounds)
+            ]  # fmt: skip
+            entry["modes"][mode] = merge_rounds(parts)
         ratio_mode = "compiled" if "compiled" in entry["modes"] else modes[0]
         ratios = {k: v for k, v in entry["modes"][ratio_mode]["ratios"].items() if not k.endswith("_per_rep")}
         kv, kv_detail = kv_ratio(entry["modes"])
