@@ -118,7 +118,7 @@ def main() -> None:
             sys_env = dict(env)
             if system == "doge" and args.doge_path:
                 sys_env["PYTHONPATH"] = os.pathsep.join([args.doge_path, env.get("PYTHONPATH", "")]).strip(os.pathsep)
-            worker = Worker(system, worker_argv(system, mode, ckpts), sys_env, OUT / f"{stem}.log")
+            worker = Worker(system, worker_argv(system, mode, ckpts, preset), sys_env, OUT / f"{stem}.log")
             try:
                 info = worker.receive(3600)["info"]
                 print(f"  {mode} {system}: started in {info.get('start_s')} s ({info.get('model_class')})", flush=True)

@@ -227,6 +227,7 @@ def test_decode_block_gathers_match_gather_kv(isa, dtype, padded):
         (40, 17, 12, 9),  # window narrower than W: keep window inactive
         (30, 0, 64, None),  # W larger than the sequence
         (33, 32, 8, None),  # one query (decode)
+        (200, 50, 12, None),  # 150 queries: several query chunks, each with its own candidates
     ],
 )
 @pytest.mark.parametrize("ties", [False, True])

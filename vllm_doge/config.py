@@ -7,7 +7,8 @@ It runs while vLLM builds its config, before the model exists:
 - the context length is capped where the reference cannot be matched beyond it: dynamic-NTK RoPE is
   plain RoPE up to `max_position_embeddings` (vLLM would otherwise allow 4x that from its `factor`),
   and legacy checkpoints define no keep-window top-k. A length the user asked for explicitly is refused
-  instead of capped.
+  instead of capped;
+- a keep window shorter than the context is reported, with the faster setting for long contexts.
 """
 
 import json
@@ -80,3 +81,11 @@ class DogeConfigHook(VerifyAndUpdateConfig):
                 raise ValueError(f"Doge: max_model_len {model_config.max_model_len} > {limit}: {why}. Use --max-model-len <= {limit}.")
             logger.warning("Doge: capping max_model_len %d to %d: %s.", model_config.max_model_len, limit, why)
             model_config.max_model_len = limit
+        window = config.keep_window_size
+        if model_config.max_model_len > window and getattr(config, "sliding_window", None) is None:
+            if vllm_config.cache_config.enable_prefix_caching:
+                logger.info(
+                    "Doge: keep_window_size %d < max_model_len %d; rows past the window are recomputed exactly "
+                    "every step. Without prefix caching (--no-enable-prefix-caching) keys are evicted in the "
+                    "cache instead, which decodes long contexts faster.", window, model_config.max_model_len,
+                )  # fmt: skip
