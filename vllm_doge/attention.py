@@ -126,11 +126,6 @@ class DogeAttention(nn.Module):
         q_fold = torch.zeros(self.num_heads, self.padded_head_size - self.head_dim, dtype=dtype)
         q_fold[torch.arange(self.num_heads), torch.arange(self.num_heads) % self.bias_channels] = 1.0 / self.scaling
         self.register_buffer("q_fold", q_fold, persistent=False)
-        # Zero tails for k (after its bias channels) and v: one `cat` each builds the padded rows
-        # (F.pad allocates, fills the whole row with zeros, then copies: two writes and more ops).
-        pad = self.padded_head_size - self.head_dim
-        self.register_buffer("k_tail", torch.zeros(self.num_kv_heads, pad - self.bias_channels, dtype=dtype), persistent=False)
-        self.register_buffer("v_tail", torch.zeros(self.num_kv_heads, pad, dtype=dtype), persistent=False)
         sliding_window = getattr(config, "sliding_window", None)
         self.attn = Attention(
             self.num_heads,
@@ -187,12 +182,12 @@ class DogeAttention(nn.Module):
         # A product and a sum per row, not a matrix multiply: a token's bias gets the same bits in any
         # batch, so repeated tokens tie exactly in layer 0 and the keep window's tie rule decides.
         dt = (hidden_states.unsqueeze(1) * self.dt_weight).sum(-1) + self.dt_bias
-        bias = torch.exp(self.A * F.softplus(dt)).view(tokens, self.num_kv_heads, self.bias_channels)
-        if bias.dtype != k.dtype:
-            bias = bias.to(k.dtype)
+        bias = torch.exp(self.A * F.softplus(dt))
+        pad = self.padded_head_size - self.head_dim
+        bias = bias.view(tokens, self.num_kv_heads, self.bias_channels).to(k.dtype)
         q = torch.cat([q.view(tokens, self.num_heads, self.head_dim), self.q_fold.expand(tokens, -1, -1)], -1)
-        k = torch.cat([k.view(tokens, self.num_kv_heads, self.head_dim), bias, self.k_tail.expand(tokens, -1, -1)], -1)
-        v = torch.cat([v.view(tokens, self.num_kv_heads, self.head_dim), self.v_tail.expand(tokens, -1, -1)], -1)
+        k = torch.cat([k.view(tokens, self.num_kv_heads, self.head_dim), F.pad(bias, (0, pad - self.bias_channels))], -1)
+        v = F.pad(v.view(tokens, self.num_kv_heads, self.head_dim), (0, pad))
         out = self.attn(q.view(tokens, -1), k.view(tokens, -1), v.view(tokens, -1))
         out = out.view(tokens, self.num_heads, self.padded_head_size)[..., : self.head_dim]
         out, _ = self.o_proj(out.reshape(tokens, self.q_size))

@@ -69,9 +69,8 @@ class DogeDecoderLayer(nn.Module):
         self.post_attention_residual = nn.Parameter(torch.ones(hidden), requires_grad=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # addcmul: the residual scale and the add in one op and one temporary (eager mode runs them as is).
-        x = torch.addcmul(self.self_attn(positions, self.input_layernorm(x)), self.input_residual, x)
-        return torch.addcmul(self.mlp(self.post_attention_layernorm(x)), self.post_attention_residual, x)
+        x = self.input_residual * x + self.self_attn(positions, self.input_layernorm(x))
+        return self.post_attention_residual * x + self.mlp(self.post_attention_layernorm(x))
 
 
 @support_torch_compile
