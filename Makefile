@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -v -rs -m "not slow"
 
 bench: $(STAMP)
-	$(PY) -m pip install -q matplotlib
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/throughput.py $(ARGS)
 
 clean:

@@ -40,19 +40,20 @@ def server_log(server: VllmServer) -> str:
     return server.log_path.read_text(encoding="utf-8", errors="replace")
 
 
+def _token_ids(obj, field: str, what: str) -> list[int]:
+    """vLLM's extra `field` of an openai object: an attribute, or in `model_extra` (client versions differ)."""
+    ids = getattr(obj, field, None)
+    if ids is None:
+        ids = (obj.model_extra or {}).get(field)
+    assert ids is not None, f"the server did not return {what}"
+    return list(ids)
+
+
 def choice_tokens(choice) -> list[int]:
     """Generated token ids of a completion/chat choice requested with `return_token_ids`."""
-    ids = getattr(choice, "token_ids", None)
-    if ids is None:
-        ids = (choice.model_extra or {}).get("token_ids")
-    assert ids is not None, "the server did not return token ids (extra_body={'return_token_ids': True})"
-    return list(ids)
+    return _token_ids(choice, "token_ids", "token ids (extra_body={'return_token_ids': True})")
 
 
 def prompt_tokens(response_or_choice) -> list[int]:
     """Prompt token ids the server used (completions: on the choice; chat: on the response)."""
-    ids = getattr(response_or_choice, "prompt_token_ids", None)
-    if ids is None:
-        ids = (response_or_choice.model_extra or {}).get("prompt_token_ids")
-    assert ids is not None, "the server did not return prompt token ids"
-    return list(ids)
+    return _token_ids(response_or_choice, "prompt_token_ids", "prompt token ids")

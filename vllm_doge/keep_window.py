@@ -699,9 +699,12 @@ class _KeepWindowMixin:
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if attn_metadata is not None and self._kw_config.evict and self._kw_needed(kv_cache, attn_metadata):
-            cfg = self._kw_config
-            evict_outside_window(kv_cache, self._kw_layout(layer, kv_cache), attn_metadata, cfg.head_dim, cfg.keep_window_size)
+        cfg = self._kw_config
+        layout = None
+        if attn_metadata is not None and self._kw_needed(kv_cache, attn_metadata):
+            layout = self._kw_layout(layer, kv_cache)
+            if cfg.evict:
+                evict_outside_window(kv_cache, layout, attn_metadata, cfg.head_dim, cfg.keep_window_size)
         result = self._kw_inner.forward(
             layer,
             query,
@@ -713,8 +716,8 @@ class _KeepWindowMixin:
             output_scale=output_scale,
             output_block_scale=output_block_scale,
         )
-        if attn_metadata is not None:
-            self._kw_fix(layer, query, kv_cache, attn_metadata, output)
+        if layout is not None:
+            self._kw_fix(query, kv_cache, layout, attn_metadata, output)
         return result
 
     def _kw_layout(self, layer, kv_cache: torch.Tensor) -> BlockLayout:
@@ -735,14 +738,12 @@ class _KeepWindowMixin:
             raise RuntimeError("Doge keep window: only causal decoder attention is supported")
         return True
 
-    def _kw_fix(self, layer, query, kv_cache, md, output) -> None:
+    def _kw_fix(self, query, kv_cache, layout: BlockLayout, md, output) -> None:
+        """Recompute the rows the stock kernel got wrong (a step where some query sees more than W keys)."""
         cfg = self._kw_config
         W, sw = cfg.keep_window_size, cfg.sliding_window
-        if not self._kw_needed(kv_cache, md):
-            return
         inner = self._kw_inner
         block_size = kv_cache.shape[2]
-        layout = self._kw_layout(layer, kv_cache)
         per_key = kv_cache.shape[1] * kv_cache.shape[3] // 2  # kv_heads * P elements per key
         plan = _plan_for(md, W, sw, block_size, max(block_size, _GATHER_BUDGET // per_key), not cfg.evict)
         scale = inner.scale
