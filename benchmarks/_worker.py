@@ -127,8 +127,7 @@ class VllmSystem:
             padded = {getattr(m, "padded_head_size", None) for m in model.modules()} - {None}
             if padded:
                 info["padded_head_size"] = sorted(padded)
-            wrapped = [m for m in model.modules() if "KeepWindow" in type(getattr(m, "impl", None)).__name__]
-            info["keep_window_layers"] = len(wrapped)
+            info["keep_window_layers"] = sum(bool(getattr(m, "keep_window", False)) for m in model.modules())
         return info
 
     def _model(self):

@@ -26,8 +26,12 @@ def rowwise_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
 
 
 def key_bias(value_states: torch.Tensor, dt_proj: nn.Linear, A: torch.Tensor) -> torch.Tensor:
-    """[batch, keys, kv_heads·d] value states -> [batch, kv_heads, keys] additive bias."""
-    return torch.exp(A * F.softplus(rowwise_linear(value_states, dt_proj))).transpose(1, 2)
+    """[batch, keys, kv_heads·d] value states -> [batch, kv_heads, keys] additive bias.
+
+    softplus and exp run in fp64 and round once: their vectorised and scalar code paths differ in the
+    last bit, which would make a token's bias depend on where it sits in the batch."""
+    dt = rowwise_linear(value_states, dt_proj)
+    return torch.exp(A.double() * F.softplus(dt.double())).to(dt.dtype).transpose(1, 2)
 
 
 def visible_keys(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:

@@ -39,27 +39,101 @@ def test_greedy_parity(checkpoints, prompts, preset):
     check_greedy_parity(reference, got, name=preset)
 
 
-def evicting_layers(llm) -> int:
-    """How many attention layers evict keys in the cache (see vllm_doge.keep_window)."""
+# ---------------------------------------------------------------- keep window past W (key relocation)
 
-    def count(model):
-        impls = [m.impl for m in model.modules() if hasattr(m, "impl") and hasattr(m, "kv_cache")]
-        return sum(bool(getattr(getattr(impl, "_kw_config", None), "evict", False)) for impl in impls)
-
-    return sum(llm.apply_model(count))
+W = 16  # keep_window_size of the keep-window presets
+LONG_TOKENS = 3 * W
 
 
-@pytest.mark.parametrize(("preset", "evicts"), [("keep-window", True), ("moe-keep-window", True), ("sliding", False)])
-def test_keep_window_without_prefix_caching(checkpoints, prompts, preset, evicts):
-    """Prefix caching off: the keep window evicts keys in the cache (no sliding window) instead of
-    recomputing decode rows; chunked prefill splits the long prompts."""
-    path = checkpoints(preset)
-    reference = reference_greedy(path, prompts, MAX_TOKENS)
-    options = dict(enable_prefix_caching=False, enable_chunked_prefill=True, max_num_batched_tokens=48)
+def long_prompts(seed: int = 3) -> list[list[int]]:
+    """1 to 8W tokens, each generating 3W more; the last two repeat a few tokens (exact bias ties in
+    layer 0, decided by the earlier-key rule on both sides)."""
+    rng = random.Random(seed)
+    prompts = make_prompts(seed, lengths=(1, W - 1, W, W + 1, 40, 4 * W, 100, 8 * W))
+    prompts += [[rng.randrange(3, 20) for _ in range(90)], [rng.randrange(3, 12) for _ in range(2 * W)]]
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def long_reference(checkpoints):
+    """preset -> (path, prompts, doge_hf greedy samples), computed once per module."""
+    cache = {}
+
+    def get(preset: str):
+        if preset not in cache:
+            path = checkpoints(preset, num_hidden_layers=3)  # 3 layers, 2 kv heads: kept sets differ per head
+            prompts = long_prompts()
+            cache[preset] = (path, prompts, reference_greedy(path, prompts, LONG_TOKENS))
+        return cache[preset]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [None, W // 2, W + 3, 4 * W],
+    ids=["whole-prompts", "chunks-W/2", "chunks-W+3", "chunks-4W"],
+)
+def test_keep_window_past_the_window(long_reference, chunk):
+    """Prompts up to 8W plus 3W generated tokens, in one batch mixing short and long requests; chunked
+    prefill with chunks smaller and larger than W."""
+    path, prompts, reference = long_reference("keep-window")
+    options = {} if chunk is None else dict(max_num_batched_tokens=chunk, max_num_seqs=max(1, min(8, chunk)))
     with engine(path, **options) as llm:
-        assert (evicting_layers(llm) > 0) == evicts
-        got = vllm_greedy(llm, prompts, MAX_TOKENS)
-    check_greedy_parity(reference, got, name=f"evict-{preset}")
+        got = vllm_greedy(llm, prompts, LONG_TOKENS)
+    check_greedy_parity(reference, got, name=f"keep-window chunk={chunk}")
+
+
+def test_keep_window_moe_past_the_window(long_reference):
+    path, prompts, reference = long_reference("moe-keep-window")
+    with engine(path, max_num_batched_tokens=W + 3) as llm:
+        got = vllm_greedy(llm, prompts, LONG_TOKENS)
+    check_greedy_parity(reference, got, name="moe-keep-window")
+
+
+def test_keep_window_holds_a_window_of_blocks(long_reference):
+    """Each layer is sliding-window W + 1 for vLLM: prefix caching is off, and a long request holds at
+    most ceil((W + 1) / block) + 1 blocks while it decodes, however long it gets."""
+    from vllm import SamplingParams
+
+    path, prompts, _ = long_reference("keep-window")
+    block = 16
+    with engine(path, block_size=block, enable_prefix_caching=True) as llm:
+        assert not llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        (manager,) = scheduler.kv_cache_manager.coordinator.single_type_managers
+        assert type(manager).__name__ == "SlidingWindowManager" and manager.sliding_window == W + 1
+        params = SamplingParams(max_tokens=8 * W, temperature=0.0, ignore_eos=True)
+        llm.llm_engine.add_request("long", {"prompt_token_ids": prompts[7]}, params)
+        held = []
+        while llm.llm_engine.has_unfinished_requests():
+            llm.llm_engine.step()
+            blocks = manager.req_to_blocks.get("long", [])
+            held.append(sum(not b.is_null for b in blocks))
+    limit = -(-(W + 1) // block) + 1
+    assert len(held) > 4 * W and max(held[2:]) <= limit, held  # after the prefill steps
+    assert len(prompts[7]) + 8 * W > 5 * limit * block  # the request grew far past what it holds
+
+
+def test_keep_window_refusals(checkpoints):
+    """Settings that cannot be exact with relocated keys are refused at engine start, by name."""
+    from vllm import LLM
+
+    with pytest.raises(Exception) as info:
+        LLM(model=checkpoints("keep-window", sliding_window=24), dtype="float32", max_model_len=128, gpu_memory_utilization=0.3)
+    assert "sliding_window 24" in "".join(str(e) for e in _chain(info.value))
+    with pytest.raises(Exception) as info:
+        LLM(
+            model=checkpoints("keep-window"), dtype="float32", max_model_len=128, gpu_memory_utilization=0.3,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3},
+        )  # fmt: skip
+    assert "speculative decoding is not supported" in "".join(str(e) for e in _chain(info.value))
+
+
+def _chain(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def test_resolves_native_class(checkpoints):
@@ -75,9 +149,8 @@ def counter(llm, fragment: str) -> float:
 
 
 def test_prefix_caching_shared_prefixes(checkpoints):
-    """Requests sharing long prefixes hit the prefix cache (whole blocks of folded keys, past the keep
-    window) and still match."""
-    path = checkpoints("keep-window")
+    """Requests sharing long prefixes hit the prefix cache (whole blocks of folded keys) and still match."""
+    path = checkpoints("dense-gqa")
     rng = random.Random(1)
     shared = rng.sample(range(3, 512), 90)
     tails = rng.sample(sorted(set(range(3, 512)) - set(shared)), 20)
@@ -101,28 +174,29 @@ def test_chunked_prefill(checkpoints, prompts, preset):
     check_greedy_parity(reference, got, name=f"chunked-{preset}")
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-caching", "evicting"])
-def test_preemption(checkpoints, prefix_caching):
+@pytest.mark.parametrize("preset", ["dense-gqa", "keep-window"])
+def test_preemption(checkpoints, preset):
     """A KV cache of a few blocks forces preemption and recomputation; outputs must not change (with
-    eviction: the recomputed blocks are evicted anew)."""
-    path = checkpoints("keep-window")
+    the keep window, the recomputed requests relocate their keys anew)."""
+    path = checkpoints(preset)
     prompts = make_prompts(seed=2, lengths=(40, 45, 50, 55, 60, 62, 64, 30))
     reference = reference_greedy(path, prompts, MAX_TOKENS)
-    options = dict(num_gpu_blocks_override=8, block_size=32, max_model_len=128, max_num_seqs=8)
-    with engine(path, disable_log_stats=False, enable_prefix_caching=prefix_caching, **options) as llm:
+    blocks = 8 if preset == "dense-gqa" else 6
+    options = dict(num_gpu_blocks_override=blocks, block_size=16 if preset == "keep-window" else 32, max_model_len=128)
+    with engine(path, disable_log_stats=False, max_num_seqs=8, max_num_batched_tokens=32, **options) as llm:
         got = vllm_greedy(llm, prompts, MAX_TOKENS)
         preempted = counter(llm, "preempt")
     assert preempted > 0, "the tiny KV cache was meant to force preemption"
-    check_greedy_parity(reference, got, name="preemption")
+    check_greedy_parity(reference, got, name=f"preemption-{preset}")
 
 
 @pytest.mark.slow
-def test_torch_compile(checkpoints, prompts):
-    """The default compiled mode (no enforce_eager) on a CDMoE model with a keep window."""
-    path = checkpoints("moe-keep-window")
-    reference = reference_greedy(path, prompts, MAX_TOKENS)
-    with engine(path, enforce_eager=False) as llm:
-        got = vllm_greedy(llm, prompts, MAX_TOKENS)
+def test_torch_compile(long_reference):
+    """The default compiled mode (no enforce_eager) on a CDMoE model past its keep window: the
+    relocation op is opaque to the compiled graph and runs every step."""
+    path, prompts, reference = long_reference("moe-keep-window")
+    with engine(path, enforce_eager=False, max_num_batched_tokens=W + 3) as llm:
+        got = vllm_greedy(llm, prompts, LONG_TOKENS)
     check_greedy_parity(reference, got, name="compiled")
 
 
@@ -144,14 +218,14 @@ def test_multiprocess_engine(checkpoints, prompts, monkeypatch):
     [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2, enforce_eager=False)],
     ids=["tp2", "pp2"],
 )
-def test_parallel(checkpoints, prompts, monkeypatch, parallel):
-    """Two CPU workers: TP shards heads (each rank folds its own kv heads' dt_proj, the routed experts
-    are added on rank 0 only), PP splits the layers. Outputs equal the single-process reference."""
+def test_parallel(long_reference, monkeypatch, parallel):
+    """Two CPU workers: TP shards heads (each rank folds its own kv heads' dt_proj and relocates its own
+    kv heads' keys; the routed experts are added on rank 0 only), PP splits the layers. Outputs equal
+    the single-process reference, past the keep window."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     # The CPU build binds each worker to its own NUMA node unless told which cores to use.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    path = checkpoints("moe-keep-window")
-    reference = reference_greedy(path, prompts[:4], MAX_TOKENS)
-    with engine(path, **parallel) as llm:
-        got = vllm_greedy(llm, prompts[:4], MAX_TOKENS)
+    path, prompts, reference = long_reference("moe-keep-window")
+    with engine(path, max_num_batched_tokens=W + 3, **parallel) as llm:
+        got = vllm_greedy(llm, prompts, LONG_TOKENS)
     check_greedy_parity(reference, got, name=str(parallel))

@@ -29,9 +29,8 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.v1.attention.selector import get_attn_backend
 
-from .keep_window import wrap_keep_window
-
-
+from .cpu_cache import check_vllm_version
+from .keep_window import encode_positions, keep_window_binds, position_digits
 
 def folded_head_size(min_size: int, num_heads: int, dtype: torch.dtype, kv_cache_dtype: str | None) -> int:
     """The smallest head size >= min_size (head_dim plus the bias channels) this platform's backend runs."""
@@ -119,14 +118,21 @@ class DogeAttention(nn.Module):
 
         vllm_config = get_current_vllm_config()
         kv_cache_dtype = cache_config.cache_dtype if cache_config is not None else None
+        sliding_window = getattr(config, "sliding_window", None)
+        # Beyond keep_window_size keys each query keeps only its top keys by bias: the layer is then a
+        # sliding window of W + 1 slots whose contents keep_window.py relocates (design §3b), and k'
+        # carries each key's position in spare channels for the tie rule.
+        max_model_len = vllm_config.model_config.max_model_len if vllm_config.model_config is not None else 0
+        self.keep_window_size = config.keep_window_size
+        self.keep_window = keep_window_binds(config.keep_window_size, sliding_window, max_model_len)
+        self.position_digits = position_digits(max_model_len) if self.keep_window else 0
         self.padded_head_size = folded_head_size(
-            self.head_dim + self.bias_channels, self.num_heads, dtype, kv_cache_dtype
+            self.head_dim + self.bias_channels + self.position_digits, self.num_heads, dtype, kv_cache_dtype
         )
         # q's extra channels: 1/scale in the channel of its own bias (head h of a group reads channel h % G).
         q_fold = torch.zeros(self.num_heads, self.padded_head_size - self.head_dim, dtype=dtype)
         q_fold[torch.arange(self.num_heads), torch.arange(self.num_heads) % self.bias_channels] = 1.0 / self.scaling
         self.register_buffer("q_fold", q_fold, persistent=False)
-        sliding_window = getattr(config, "sliding_window", None)
         self.attn = Attention(
             self.num_heads,
             self.padded_head_size,
@@ -134,18 +140,27 @@ class DogeAttention(nn.Module):
             num_kv_heads=self.num_kv_heads,
             cache_config=cache_config,
             quant_config=quant_config,
-            per_layer_sliding_window=sliding_window,
+            per_layer_sliding_window=config.keep_window_size + 1 if self.keep_window else sliding_window,
             prefix=f"{prefix}.attn",
         )
-        # Beyond keep_window_size keys, each query keeps only its top keys by bias: a per-query mask
-        # the fold cannot express. Only contexts longer than the window need it.
-        if vllm_config.model_config is not None and vllm_config.model_config.max_model_len > config.keep_window_size:
-            wrap_keep_window(
-                self.attn,
-                head_dim=self.head_dim,
-                keep_window_size=config.keep_window_size,
-                sliding_window=sliding_window,
+        if self.keep_window:
+            self._check_keep_window_backend(kv_cache_dtype)
+
+    def _check_keep_window_backend(self, kv_cache_dtype: str | None) -> None:
+        backend = self.attn.attn_backend.get_name()
+        problems = []
+        if backend != "CPU_ATTN":
+            problems.append(f"it is verified on vLLM's CPU attention backend only, and this layer uses {backend}")
+        if kv_cache_dtype not in (None, "auto") and not kv_cache_dtype.startswith(("bfloat16", "float")):
+            problems.append(f"a quantized KV cache ({kv_cache_dtype}) cannot hold the bias and positions exactly")
+        if problems:
+            raise ValueError(
+                f"Doge: keep_window_size {self.keep_window_size} < max_model_len needs exact key relocation, but "
+                + "; ".join(problems)
+                + f". Serve with --max-model-len <= {self.keep_window_size} (then the folded bias is exact "
+                "on any backend)."
             )
+        check_vllm_version()
 
     def _mask_rows(self, total_rows: int) -> slice:
         """The mask rows this tensor-parallel rank owns: its attention heads' rows (legacy), or its kv
@@ -179,16 +194,27 @@ class DogeAttention(nn.Module):
             k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim)).view(tokens, self.kv_size)
         q, k = self.rotary_emb(positions, q, k)
 
-        # A product and a sum per row, not a matrix multiply: a token's bias gets the same bits in any
-        # batch, so repeated tokens tie exactly in layer 0 and the keep window's tie rule decides.
+        # A token's bias must get the same bits in any batch, so that repeated tokens tie exactly in
+        # layer 0 and the keep window's tie rule decides: a product and a sum per row, not a matrix
+        # multiply, and softplus/exp in fp64 (their vectorised and scalar paths differ in the last bit).
         dt = (hidden_states.unsqueeze(1) * self.dt_weight).sum(-1) + self.dt_bias
-        bias = torch.exp(self.A * F.softplus(dt))
+        bias = torch.exp(self.A.double() * F.softplus(dt.double()))
         pad = self.padded_head_size - self.head_dim
         bias = bias.view(tokens, self.num_kv_heads, self.bias_channels).to(k.dtype)
         q = torch.cat([q.view(tokens, self.num_heads, self.head_dim), self.q_fold.expand(tokens, -1, -1)], -1)
-        k = torch.cat([k.view(tokens, self.num_kv_heads, self.head_dim), F.pad(bias, (0, pad - self.bias_channels))], -1)
+        if self.keep_window:  # each key's position, for the keep window's tie rule after relocation
+            digits = encode_positions(positions, self.position_digits, k.dtype)
+            bias = torch.cat([bias, digits[:, None, :].expand(-1, self.num_kv_heads, -1)], -1)
+        k = torch.cat([k.view(tokens, self.num_kv_heads, self.head_dim), F.pad(bias, (0, pad - bias.shape[-1]))], -1)
         v = F.pad(v.view(tokens, self.num_kv_heads, self.head_dim), (0, pad))
+        if self.keep_window:
+            exact, use = torch.ops.vllm_doge.keep_window(
+                q, k, v, self.attn.layer_name, self.head_dim, self.keep_window_size, self.position_digits, self.scaling
+            )
         out = self.attn(q.view(tokens, -1), k.view(tokens, -1), v.view(tokens, -1))
-        out = out.view(tokens, self.num_heads, self.padded_head_size)[..., : self.head_dim]
+        out = out.view(tokens, self.num_heads, self.padded_head_size)
+        if self.keep_window:
+            out = torch.where(use[:, None, None], exact, out)
+        out = out[..., : self.head_dim]
         out, _ = self.o_proj(out.reshape(tokens, self.q_size))
         return out

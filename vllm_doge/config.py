@@ -8,7 +8,8 @@ It runs while vLLM builds its config, before the model exists:
   plain RoPE up to `max_position_embeddings` (vLLM would otherwise allow 4x that from its `factor`),
   and legacy checkpoints define no keep-window top-k. A length the user asked for explicitly is refused
   instead of capped;
-- a keep window shorter than the context is reported, with the faster setting for long contexts.
+- a keep window shorter than the context relocates keys in the KV cache (keep_window.py): prefix caching
+  is turned off, and speculative decoding and KV connectors are refused.
 """
 
 import json
@@ -18,6 +19,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from .checkpoint import check_safetensors_files
+from .keep_window import keep_window_binds
 
 logger = init_logger(__name__)
 
@@ -81,11 +83,19 @@ class DogeConfigHook(VerifyAndUpdateConfig):
                 raise ValueError(f"Doge: max_model_len {model_config.max_model_len} > {limit}: {why}. Use --max-model-len <= {limit}.")
             logger.warning("Doge: capping max_model_len %d to %d: %s.", model_config.max_model_len, limit, why)
             model_config.max_model_len = limit
-        window = config.keep_window_size
-        if model_config.max_model_len > window and getattr(config, "sliding_window", None) is None:
-            if vllm_config.cache_config.enable_prefix_caching:
-                logger.info(
-                    "Doge: keep_window_size %d < max_model_len %d; rows past the window are recomputed exactly "
-                    "every step. Without prefix caching (--no-enable-prefix-caching) keys are evicted in the "
-                    "cache instead, which decodes long contexts faster.", window, model_config.max_model_len,
-                )  # fmt: skip
+        if keep_window_binds(config.keep_window_size, getattr(config, "sliding_window", None), model_config.max_model_len):
+            refuse_with_keep_window(vllm_config, config.keep_window_size)
+
+
+def refuse_with_keep_window(vllm_config, window: int) -> None:
+    """Settings that cannot be exact once the keep window relocates keys (keep_window.py): cached blocks
+    are edited in place, so their contents are no longer determined by their tokens."""
+    why = f"keep_window_size {window} < max_model_len {vllm_config.model_config.max_model_len}: keys are relocated in the KV cache"
+    if vllm_config.speculative_config is not None:
+        raise ValueError(f"Doge: speculative decoding is not supported with {why} (rejected drafts would need relocations undone).")
+    if vllm_config.kv_transfer_config is not None or vllm_config.cache_config.kv_offloading_size:
+        raise ValueError(f"Doge: KV connectors and offloading are not supported with {why} (stored blocks are edited).")
+    cache_config = vllm_config.cache_config
+    if cache_config.enable_prefix_caching:
+        cache_config.enable_prefix_caching = False
+        logger.info("Doge: prefix caching turned off: %s, so a cached block must never be shared.", why)
