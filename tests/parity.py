@@ -9,14 +9,16 @@ Sample = tuple[list[int], list[dict[int, float]]]  # generated tokens, per-step 
 
 
 @torch.no_grad()
-def reference_greedy(path: str, prompts: list[list[int]], max_tokens: int, top: int = 5) -> list[Sample]:
+def reference_greedy(
+    path: str, prompts: list[list[int]], max_tokens: int, top: int = 5, dtype: torch.dtype = torch.float32
+) -> list[Sample]:
     """doge_hf greedy decoding (with its KV cache), one prompt at a time, with per-step top logprobs.
     Legacy-format checkpoints run on doge_hf's legacy reference."""
     from doge_hf import DogeForCausalLM
     from doge_hf.legacy import LegacyDogeForCausalLM, is_legacy_checkpoint
 
     model_class = LegacyDogeForCausalLM if is_legacy_checkpoint(path) else DogeForCausalLM
-    model = model_class.from_pretrained(path, dtype=torch.float32).eval()
+    model = model_class.from_pretrained(path, dtype=dtype).eval()
     samples = []
     for prompt in prompts:
         # A plain argmax loop over the model's KV cache: no logits processors (generate()'s
@@ -67,6 +69,23 @@ def check_greedy_parity(reference: list[Sample], actual: list[Sample], atol: flo
             assert gap <= atol, f"{name}: prompt {i} step {step}: logprob gap {gap:.2e} > {atol}"
             worst = max(worst, gap)
     return worst
+
+
+def check_logprobs_close(reference: list[Sample], actual: list[Sample], name: str = "vllm") -> int:
+    """vLLM's criterion for lower-precision runs (its tests' check_logprobs_close): greedy tokens equal
+    until a first divergence, where each side's pick must be among the other's top logprobs; the rest
+    of that sequence is not compared. Returns how many sequences diverged."""
+    diverged = 0
+    for i, ((ref_tokens, ref_steps), (got_tokens, got_steps)) in enumerate(zip(reference, actual, strict=True)):
+        for step, (r, g) in enumerate(zip(ref_tokens, got_tokens, strict=True)):
+            if r != g:
+                assert g in ref_steps[step] and r in got_steps[step], (
+                    f"{name}: prompt {i} step {step}: {g} vs reference {r}, not in each other's top "
+                    f"{len(ref_steps[step])} (reference {ref_steps[step]}, got {got_steps[step]})"
+                )
+                diverged += 1
+                break
+    return diverged
 
 
 @contextmanager

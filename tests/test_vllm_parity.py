@@ -8,8 +8,9 @@ changes tokens. Engines run fp32, in-process (see conftest.py), one per configur
 import random
 
 import pytest
+import torch
 
-from parity import check_greedy_parity, engine, reference_greedy, vllm_greedy
+from parity import check_greedy_parity, check_logprobs_close, engine, reference_greedy, vllm_greedy
 
 MAX_TOKENS = 32
 CONFIGS = ["dense-gqa", "dense-mha-tied", "sliding", "keep-window", "moe", "moe-keep-window"]
@@ -91,6 +92,17 @@ def test_keep_window_moe_past_the_window(long_reference):
     check_greedy_parity(reference, got, name="moe-keep-window")
 
 
+def test_keep_window_bf16(checkpoints):
+    """bf16 (the AMX cache layout on CPUs that have it) against doge_hf in bf16, judged like vLLM's
+    check_logprobs_close."""
+    path = checkpoints("keep-window", num_hidden_layers=3)
+    prompts = long_prompts()
+    reference = reference_greedy(path, prompts, LONG_TOKENS, dtype=torch.bfloat16)
+    with engine(path, dtype="bfloat16", max_num_batched_tokens=W + 3) as llm:
+        got = vllm_greedy(llm, prompts, LONG_TOKENS)
+    check_logprobs_close(reference, got, name="bf16")
+
+
 def test_keep_window_holds_a_window_of_blocks(long_reference):
     """Each layer is sliding-window W + 1 for vLLM: prefix caching is off, and a long request holds at
     most ceil((W + 1) / block) + 1 blocks while it decodes, however long it gets."""
@@ -128,6 +140,9 @@ def test_keep_window_refusals(checkpoints):
             speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3},
         )  # fmt: skip
     assert "speculative decoding is not supported" in "".join(str(e) for e in _chain(info.value))
+    with pytest.raises(Exception) as info:
+        LLM(model=checkpoints("keep-window"), max_model_len=128, gpu_memory_utilization=0.3, kv_cache_dtype="fp8")
+    assert "quantized KV cache (fp8)" in "".join(str(e) for e in _chain(info.value))
 
 
 def _chain(error: BaseException):

@@ -32,6 +32,7 @@ from vllm.v1.attention.selector import get_attn_backend
 from .cpu_cache import check_vllm_version
 from .keep_window import encode_positions, keep_window_binds, position_digits
 
+
 def folded_head_size(min_size: int, num_heads: int, dtype: torch.dtype, kv_cache_dtype: str | None) -> int:
     """The smallest head size >= min_size (head_dim plus the bias channels) this platform's backend runs."""
     for size in range(min_size, 513):
