@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 import doge_hf
 from doge_hf.builder import PRESETS, build_checkpoint
+from tolerances import assert_clearly_apart, assert_logits_close
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEMO = REPO / "checkpoints" / "doge-demo"
@@ -109,8 +110,8 @@ def test_roundtrip_dense_matches_transformers(checkpoints, tokenizer, preset):
         with torch.no_grad():
             a, b = ours(ids).logits, theirs(ids).logits
         assert a.isfinite().all()
-        # fp32 rounding grows with the logit size (|logit| up to ~40 here): 1e-4 plus 1e-5 relative
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+        # Two fp32 implementations: rounding relative to the logits' scale (|logit| up to ~40 here).
+        assert_logits_close(a, b, what=f"{preset}: doge_hf vs transformers, {ids.shape[1]} tokens")
     # loaded weights are exactly the stored ones
     stored = load_file(path / "model.safetensors")
     state = ours.state_dict()
@@ -136,7 +137,7 @@ def test_roundtrip_moe_matches_transformers_token_by_token(checkpoints, preset):
     ours, theirs = load(doge_hf.DogeForCausalLM, path), load(transformers.DogeForCausalLM, path)
     with torch.no_grad():
         prefill = ours(DISTINCT).logits
-    torch.testing.assert_close(prefill, stepwise_logits(theirs, DISTINCT), atol=1e-4, rtol=1e-5)
+    assert_logits_close(prefill, stepwise_logits(theirs, DISTINCT), what=f"{preset}: prefill vs transformers stepwise")
 
 
 def test_roundtrip_classifier_matches_transformers(checkpoints, tokenizer):
@@ -147,7 +148,7 @@ def test_roundtrip_classifier_matches_transformers(checkpoints, tokenizer):
     with torch.no_grad():
         a, b = ours(ids).logits, theirs(ids).logits
     assert a.shape == (1, 3)
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert_logits_close(a, b, what="classifier: doge_hf vs transformers")
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -305,3 +306,31 @@ def test_demo_checkpoint_is_small_and_trained():
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
     assert loss < 4.0, f"demo model loss {loss:.2f} on Python source: not trained?"  # random init: ~8.3
+
+
+# ---------------------------------------------------------------- the logits tolerance is tight enough
+
+
+MASK_ERRORS = {
+    # A = 0 makes b = exp(0) = 1 for every key: a constant per row, which softmax ignores (the mask dropped).
+    "mask dropped (A=0)": (lambda a: a.A.data.zero_(), 1000),
+    # The mask 0.1% too strong: a bug as small as a wrong constant in its exponent.
+    "A 0.1% too large": (lambda a: a.A.data.mul_(1.001), 5),
+}
+
+
+@pytest.mark.parametrize("error", MASK_ERRORS)
+@pytest.mark.parametrize("preset", DENSE + MOE)
+def test_tolerance_catches_mask_errors(checkpoints, preset, error):
+    """The round-trip tolerance (tolerances.LOGITS_K = 512 eps x max|logit|, ~2.5e-3 here) leaves no room
+    for a wrong mask: dropping it moves the logits by 8e3..1.6e4 tolerances, and even a 0.1% error in A by
+    17..57 (measured; asserted: 1000 and 5)."""
+    path = checkpoints(preset)
+    with torch.no_grad():
+        base = load(doge_hf.DogeForCausalLM, path)(DISTINCT).logits
+        model = load(doge_hf.DogeForCausalLM, path)
+        change, factor = MASK_ERRORS[error]
+        for attention in attentions(model):
+            change(attention)
+        wrong = model(DISTINCT).logits
+    assert_clearly_apart(wrong, base, what=f"{preset}: {error}", factor=factor)

@@ -20,10 +20,11 @@ import transformers
 from transformers.cache_utils import DynamicCache
 
 import doge_hf
+from tolerances import assert_clearly_apart, assert_logits_close
 
-TOL = 1e-4  # logits, ours vs transformers
-BATCH_TOL = 1e-5  # logits, ours alone vs ours in a batch
-CLEAR = 0.1  # a change that no tolerance above could hide
+# Logits are compared with tolerances.assert_logits_close (fp32 rounding relative to the logits' scale:
+# ours vs transformers, ours alone vs in a batch, ours saved and loaded), and changes that must show with
+# tolerances.assert_clearly_apart (more than 100 times that tolerance).
 
 VOCAB = 128
 PAD = 0
@@ -205,11 +206,6 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
-
-
 # ---------------------------------------------------------------------------------------------------
 # dense
 
@@ -220,9 +216,9 @@ def test_dense_prefill_logits_match_transformers(name):
     ids = prompts(2, PROMPT_LEN, seed=1)
     expected = logits(ref, ids)
     got = logits(ours, ids)
-    assert max_diff(got, expected) <= TOL
+    assert_logits_close(got, expected, what=f"{name}: prefill vs transformers")
     # Ours run one token at a time with a cache agrees with the prefill (no token is repeated, see prompts()).
-    assert max_diff(one_token_at_a_time(ours, ids[:1]), expected[:1]) <= TOL
+    assert_logits_close(one_token_at_a_time(ours, ids[:1]), expected[:1], what=f"{name}: stepwise vs transformers prefill")
 
 
 @pytest.mark.parametrize("name", list(DENSE))
@@ -233,7 +229,7 @@ def test_dense_greedy_generate_matches_transformers(name):
     seq_ours, logits_ours = greedy(ours, ids)
     assert seq_ref.shape[1] == PROMPT_LEN + NEW_TOKENS
     assert torch.equal(seq_ours, seq_ref)
-    assert max_diff(logits_ours, logits_ref) <= TOL
+    assert_logits_close(logits_ours, logits_ref, what=f"{name}: generate() logits vs transformers")
 
 
 @pytest.mark.parametrize("name", list(DENSE))
@@ -244,7 +240,7 @@ def test_dense_left_padded_batch_generate_matches_transformers(name):
     seq_ref, logits_ref = greedy(ref, ids, attention_mask=mask)
     seq_ours, logits_ours = greedy(ours, ids, attention_mask=mask)
     assert torch.equal(seq_ours, seq_ref)
-    assert max_diff(logits_ours, logits_ref) <= TOL
+    assert_logits_close(logits_ours, logits_ref, what=f"{name}: left-padded generate() logits vs transformers")
     # Each row also continues as it does alone (padding is invisible).
     for i, r in enumerate(rows):
         alone, _ = greedy(ours, r[None])
@@ -261,7 +257,7 @@ def test_dense_left_padded_forward_with_position_ids(name):
     expected = logits(ref, ids, attention_mask=mask, position_ids=pos)
     got = logits(ours, ids, attention_mask=mask, position_ids=pos)
     real = mask.bool()
-    assert max_diff(got[real], expected[real]) <= TOL
+    assert_logits_close(got[real], expected[real], what=f"{name}: left-padded forward vs transformers")
 
 
 @pytest.mark.parametrize("name", ["gqa_tied_keep8", "mha_tied_keep8"])
@@ -274,7 +270,7 @@ def test_dynamic_mask_matters(name):
     with torch.no_grad():
         for layer in flat.model.layers:
             layer.self_attn.A.zero_()
-    assert max_diff(logits(flat, ids), expected) > CLEAR
+    assert_clearly_apart(logits(flat, ids), expected, what=f"{name}: A = 0")
 
 
 @pytest.mark.parametrize("name", ["gqa_tied_keep8", "mha_tied_keep8", "gqa_untied_keep6_sliding12"])
@@ -285,8 +281,8 @@ def test_keep_window_matters(name):
     ids = prompts(2, PROMPT_LEN, seed=4)
     expected = logits(ref, ids)
     wide = logits(ours_with(name, keep_window_size=1024), ids)
-    assert max_diff(wide[:, :window], expected[:, :window]) <= TOL
-    assert max_diff(wide[:, window:], expected[:, window:]) > CLEAR
+    assert_logits_close(wide[:, :window], expected[:, :window], what=f"{name}: wide keep window, within the window")
+    assert_clearly_apart(wide[:, window:], expected[:, window:], what=f"{name}: wide keep window, past the window")
 
 
 @pytest.mark.parametrize("name", ["mha_untied_sliding10_bias", "gqa_untied_keep6_sliding12"])
@@ -296,8 +292,8 @@ def test_sliding_window_matters(name):
     ids = prompts(2, PROMPT_LEN, seed=5)
     expected = logits(ref, ids)
     unbounded = logits(ours_with(name, sliding_window=None), ids)
-    assert max_diff(unbounded[:, :window], expected[:, :window]) <= TOL
-    assert max_diff(unbounded[:, window:], expected[:, window:]) > CLEAR
+    assert_logits_close(unbounded[:, :window], expected[:, :window], what=f"{name}: no sliding window, within it")
+    assert_clearly_apart(unbounded[:, window:], expected[:, window:], what=f"{name}: no sliding window, past it")
 
 
 def test_layer0_bias_ties_on_repeated_tokens():
@@ -326,8 +322,7 @@ def test_moe_prefill_matches_transformers_one_token_at_a_time(name):
     ids = prompts(1, PROMPT_LEN, seed=6)
     expected = one_token_at_a_time(ref, ids)
     got = logits(ours, ids)
-    per_position = (got - expected).abs().amax(dim=-1)[0]
-    assert per_position.max().item() <= TOL, per_position
+    assert_logits_close(got, expected, what=f"{name}: prefill vs transformers one token at a time")
 
 
 @pytest.mark.parametrize("name", list(MOE))
@@ -336,15 +331,14 @@ def test_moe_batch_invariance(name):
     batch = prompts(3, PROMPT_LEN, seed=7)
     together = logits(ours, batch)
     for i in range(3):
-        assert max_diff(logits(ours, batch[i : i + 1])[0], together[i]) <= BATCH_TOL
-    # With left padding as well (explicit positions): real tokens do not see the other rows. Padding
-    # changes the shapes of the reductions, so this part is held to the parity tolerance.
+        assert_logits_close(logits(ours, batch[i : i + 1])[0], together[i], what=f"{name}: row {i} alone vs in a batch")
+    # With left padding as well (explicit positions): real tokens do not see the other rows.
     rows = [batch[0], batch[1, :15], batch[2, :7]]
     ids, mask = left_pad(rows)
     padded = logits(ours, ids, attention_mask=mask, position_ids=positions_of(mask))
     for i, r in enumerate(rows):
         alone = logits(ours, r[None])[0]
-        assert max_diff(padded[i, ids.shape[1] - len(r) :], alone) <= TOL
+        assert_logits_close(padded[i, ids.shape[1] - len(r) :], alone, what=f"{name}: row {i} left-padded vs alone")
 
 
 @pytest.mark.parametrize("name", list(MOE))
@@ -355,8 +349,8 @@ def test_transformers_prefill_routing_mixes_tokens(name):
     ids = prompts(2, PROMPT_LEN, seed=8)
     prefill = logits(ref, ids[:1])
     stepwise = one_token_at_a_time(ref, ids[:1])
-    assert max_diff(prefill, stepwise) > CLEAR
-    assert max_diff(logits(ref, ids)[0], prefill[0]) > CLEAR
+    assert_clearly_apart(prefill, stepwise, what=f"{name}: transformers prefill vs its stepwise logits")
+    assert_clearly_apart(logits(ref, ids)[0], prefill[0], what=f"{name}: transformers row in a batch vs alone")
 
 
 @pytest.mark.parametrize("name", list(MOE))
@@ -373,7 +367,7 @@ def test_moe_generate_cache_equals_recompute(name):
         seq = torch.cat([seq, last.argmax().view(1, 1)], dim=1)
     assert torch.equal(cached, seq)
     # transformers fed one token at a time (per-token routing) gives the same logits along the way.
-    assert max_diff(one_token_at_a_time(ref, seq), logits(ours, seq)) <= TOL
+    assert_logits_close(one_token_at_a_time(ref, seq), logits(ours, seq), what=f"{name}: transformers stepwise vs ours")
 
 
 def test_moe_routing_matters():
@@ -385,7 +379,7 @@ def test_moe_routing_matters():
     with torch.no_grad():
         for layer in no_experts.model.layers:
             layer.mlp.up_embed.weight.zero_()
-    assert max_diff(logits(no_experts, ids), logits(ours, ids)) > CLEAR
+    assert_clearly_apart(logits(no_experts, ids), logits(ours, ids), what=f"{name}: expert tables zeroed")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -437,10 +431,11 @@ def test_legacy_rope_spelling(legacy):
         return model
 
     legacy_logits = logits(ours_for(legacy), ids)
-    assert max_diff(legacy_logits, logits(ours_for({"rope_parameters": dict(ROPE_SCALED)}), ids)) <= 1e-6
-    assert max_diff(legacy_logits, expected) <= TOL
+    current = logits(ours_for({"rope_parameters": dict(ROPE_SCALED)}), ids)
+    assert_logits_close(legacy_logits, current, what=f"legacy spelling {legacy} vs rope_parameters")
+    assert_logits_close(legacy_logits, expected, what=f"legacy spelling {legacy} vs transformers")
     # The scaling is not ignored: default RoPE (theta 500) gives clearly different logits.
-    assert max_diff(logits(ours_for({"rope_theta": 500.0}), ids), legacy_logits) > CLEAR
+    assert_clearly_apart(logits(ours_for({"rope_theta": 500.0}), ids), legacy_logits, what="scaling dropped")
 
 
 def test_rope_theta_alone():
@@ -451,12 +446,12 @@ def test_rope_theta_alone():
     ours.load_state_dict(ref.state_dict(), strict=True)
     assert ours.config.rope_parameters["rope_theta"] == 50.0
     got = logits(ours, ids)
-    assert max_diff(got, logits(ours_default, ids)) > CLEAR
+    assert_clearly_apart(got, logits(ours_default, ids), what="rope_theta 50 vs the default")
     ref_theta = transformers.DogeForCausalLM(
         transformers.DogeConfig(**fields_of({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 50.0}}))
     ).eval()
     ref_theta.load_state_dict(ref.state_dict(), strict=True)
-    assert max_diff(got, logits(ref_theta, ids)) <= TOL
+    assert_logits_close(got, logits(ref_theta, ids), what="rope_theta 50 vs transformers")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -494,7 +489,7 @@ def test_save_pretrained_round_trip(name, tmp_path):
     # Non-persistent buffers (RoPE tables) are rebuilt, not left as allocated memory.
     for key, value in ours.named_buffers():
         assert torch.equal(dict(loaded.named_buffers())[key], value), key
-    assert max_diff(logits(loaded, ids), expected) <= 1e-6
+    assert_logits_close(logits(loaded, ids), expected, what=f"{name}: saved and loaded")
 
 
 @pytest.mark.parametrize("name", SAVE_LOAD)
@@ -507,9 +502,9 @@ def test_transformers_loads_doge_hf_checkpoint(name, tmp_path):
     assert_clean(info)
     theirs.eval()
     if ours.config.is_moe:
-        assert max_diff(one_token_at_a_time(theirs, ids), expected) <= TOL
+        assert_logits_close(one_token_at_a_time(theirs, ids), expected, what=f"{name}: transformers stepwise, our file")
     else:
-        assert max_diff(logits(theirs, ids), expected) <= TOL
+        assert_logits_close(logits(theirs, ids), expected, what=f"{name}: transformers, our file")
     for key, value in ref.state_dict().items():
         assert torch.equal(theirs.state_dict()[key], value), key
 
@@ -528,9 +523,9 @@ def test_sequence_classification_matches_transformers():
         expected = ref(input_ids=ids, attention_mask=mask).logits
         got = ours(input_ids=ids, attention_mask=mask).logits
     assert got.shape == (3, 3)
-    assert max_diff(got, expected) <= TOL
+    assert_logits_close(got, expected, what="classifier vs transformers")
     # The score is read at the last real token: each row equals its unpadded self.
     with torch.no_grad():
         for i, r in enumerate(rows):
-            assert max_diff(ours(input_ids=r[None]).logits[0], got[i]) <= BATCH_TOL
-    assert max_diff(got[0], got[1]) > CLEAR
+            assert_logits_close(ours(input_ids=r[None]).logits[0], got[i], what=f"classifier row {i} alone vs padded")
+    assert_clearly_apart(got[0], got[1], what="classifier rows 0 and 1")

@@ -19,6 +19,7 @@ from doge_hf.legacy import (LegacyDogeConfig, LegacyDogeConfigError, LegacyDogeF
                             is_legacy_checkpoint, legacy_config_dict)
 from doge_hf.legacy_convert import (QK_NORM_REASON, conversion_obstacles, convert_state_dict, load_legacy, main,
                                     transformers_config)
+from tolerances import assert_clearly_apart, assert_logits_close
 
 PRESETS = ["dense-gqa", "dense-mha", "moe"]
 PAD = 2
@@ -131,10 +132,9 @@ def reference_logits(path, ids: torch.Tensor) -> torch.Tensor:
     return x @ head.T
 
 
-def assert_close(actual, expected, tol=2e-4):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.abs().max().item()
-    assert err <= tol * max(scale, 1.0), f"max |diff| {err:.3g} (logit scale {scale:.3g})"
+def assert_close(actual, expected, what):
+    """fp32 logits against the fp64 oracle, or against each other: tolerances.assert_logits_close."""
+    assert_logits_close(actual, expected, what=what)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def assert_close(actual, expected, tol=2e-4):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_logits_match_reference(legacy, preset):
     path = legacy(preset)
-    assert_close(logits(load(path), IDS)[0], reference_logits(path, IDS))
+    assert_close(logits(load(path), IDS)[0], reference_logits(path, IDS), f"{preset} vs the fp64 oracle")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -166,8 +166,7 @@ def test_per_head_mask_matters(legacy, preset, tmp_path):
         for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             (out / f).write_bytes((path / f).read_bytes())
         save_file({**sd, **changed}, out / "model.safetensors")
-        gap = (logits(load(out), IDS) - base).abs().max().item()
-        assert gap > 1.0, f"{label}: logits moved only {gap}"
+        assert_clearly_apart(logits(load(out), IDS), base, what=f"{preset}: {label}")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -178,9 +177,9 @@ def test_cached_generate_equals_full_prefill(legacy, preset):
                          return_dict_in_generate=True, output_logits=True)
     steps = torch.stack(out.logits, dim=1)
     full = logits(model, out.sequences)[:, 11:-1]
-    assert_close(steps, full, tol=1e-5)
+    assert_close(steps, full, f"{preset}: cached generate vs full prefill")
     # and the full forward over the generated sequence is the oracle's
-    assert_close(full[0], reference_logits(legacy(preset), out.sequences)[11:-1])
+    assert_close(full[0], reference_logits(legacy(preset), out.sequences)[11:-1], f"{preset}: generated vs the oracle")
 
 
 def test_left_padded_batch_generates_like_single_rows(legacy):
@@ -213,7 +212,7 @@ def test_untied_checkpoint(legacy):
     assert "lm_head.weight" in load_file(path / "model.safetensors")
     model = load(path)
     assert model.lm_head.weight.data_ptr() != model.model.word_embed.weight.data_ptr()
-    assert_close(logits(model, IDS)[0], reference_logits(path, IDS))
+    assert_close(logits(model, IDS)[0], reference_logits(path, IDS), "untied vs the oracle")
 
 
 def test_untied_without_lm_head_is_refused(legacy, tmp_path):
@@ -231,15 +230,15 @@ def test_router_bias_detected_from_keys(legacy):
     assert any(k.endswith("router_gate.bias") for k in load_file(path / "model.safetensors"))
     model = load(path)
     assert model.config.router_bias is True
-    assert_close(logits(model, IDS)[0], reference_logits(path, IDS))
+    assert_close(logits(model, IDS)[0], reference_logits(path, IDS), "router bias vs the oracle")
 
 
 def test_dynamic_mask_ratio_matches_reference(legacy):
     """r > 0: keys below the n-th smallest bias of the forward call are masked (the published code's rule)."""
     path = legacy("dense-gqa", dynamic_mask_ratio=0.3)
     out = logits(load(path), IDS)
-    assert_close(out[0], reference_logits(path, IDS))
-    assert (out - logits(load(legacy("dense-gqa")), IDS)).abs().max() > 1.0
+    assert_close(out[0], reference_logits(path, IDS), "dynamic_mask_ratio 0.3 vs the oracle")
+    assert_clearly_apart(out, logits(load(legacy("dense-gqa")), IDS), what="dynamic_mask_ratio 0.3 vs 0")
 
 
 def test_dynamic_ntk_beyond_max_position(legacy):
@@ -247,9 +246,9 @@ def test_dynamic_ntk_beyond_max_position(legacy):
     path = legacy("dense-mha", max_position_embeddings=16,
                   rope_scaling={"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 16})
     model = load(path)
-    assert_close(logits(model, IDS)[0], reference_logits(path, IDS))
+    assert_close(logits(model, IDS)[0], reference_logits(path, IDS), "dynamic NTK past M vs the oracle")
     # below M again: the original frequencies come back (the legacy code's reset rule)
-    assert_close(logits(model, IDS[:, :10])[0], reference_logits(path, IDS[:, :10]))
+    assert_close(logits(model, IDS[:, :10])[0], reference_logits(path, IDS[:, :10]), "back below M vs the oracle")
 
 
 def test_keep_window_size_bounds_the_context(legacy):
@@ -352,8 +351,8 @@ def test_everything_but_qk_norm_maps_exactly(legacy, preset, options):
     for layer in model.model.layers:
         layer.self_attn.q_norm = torch.nn.Identity()
         layer.self_attn.k_norm = torch.nn.Identity()
-    assert_close(logits(model, IDS), expected, tol=1e-5)
-    assert (with_norm - expected).abs().max() > 1.0
+    assert_close(logits(model, IDS), expected, f"{preset}: converted, q/k norm removed, vs legacy")
+    assert_clearly_apart(with_norm, expected, what=f"{preset}: converted with q/k norm vs legacy")
 
 
 def test_converter_names_every_obstacle(legacy):

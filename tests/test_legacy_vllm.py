@@ -4,16 +4,28 @@ Per-attention-head masks (one folded bias channel per head of a kv group), no q/
 embeddings, renamed tensors, dynamic-NTK RoPE (plain RoPE within max_position_embeddings)."""
 
 import pytest
+import torch
 
-from doge_hf.legacy import build_legacy_checkpoint
+from doge_hf.legacy import LegacyDogeForCausalLM, build_legacy_checkpoint
 from parity import check_greedy_parity, engine, reference_greedy, vllm_greedy
 from test_vllm_parity import MAX_TOKENS, make_prompts
+from tolerances import assert_logprobs_close, logprob_tolerance
 
 
 @pytest.fixture(scope="module")
 def legacy_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("legacy")
     return {preset: str(build_legacy_checkpoint(root / preset, preset=preset)) for preset in ("dense-gqa", "dense-mha", "moe")}
+
+
+@torch.no_grad()
+def logits_scale(path: str, prompts: list[list[int]], reference) -> float:
+    """max |logit| of the legacy reference at the steps that chose the reference tokens."""
+    model = LegacyDogeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return max(
+        model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].abs().max().item()
+        for prompt, (tokens, _) in zip(prompts, reference)
+    )
 
 
 @pytest.mark.parametrize("preset", ["dense-gqa", "dense-mha", "moe"])
@@ -24,7 +36,10 @@ def test_legacy_greedy_parity(legacy_checkpoints, preset):
     with engine(path) as llm:
         got = vllm_greedy(llm, prompts, MAX_TOKENS)
         limit = llm.llm_engine.vllm_config.model_config.max_model_len
-    check_greedy_parity(reference, got, name=f"legacy-{preset}")
+    # Two fp32 implementations: rule 1 of tolerances.py for logprobs, at the scale of the reference's logits.
+    scale = logits_scale(path, prompts, reference)
+    worst = check_greedy_parity(reference, got, atol=logprob_tolerance(scale), name=f"legacy-{preset}")
+    assert_logprobs_close(worst, 0.0, logits_scale=scale, what=f"legacy-{preset}: worst logprob gap, vLLM vs reference")
     assert limit <= 512, "dynamic-NTK RoPE is exact only within max_position_embeddings"
 
 
