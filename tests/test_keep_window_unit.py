@@ -302,8 +302,9 @@ def test_paged_slots_read_and_write_what_the_backend_does(isa, dtype, padded):
     assert torch.equal(slots.values(blocks, tokens), value)
     assert torch.equal(slots.keys(blocks, tokens, slice(3, 5)), key[..., 3:5])
     # write token 70's rows over token 3 (kv head 1 only), and one channel of token 4
-    slots.write(blocks[[3]], torch.tensor([1]), tokens[[3]], keys=key[[70], 1], values=value[[70], 1])
-    slots.write(blocks[[4]], torch.tensor([0]), tokens[[4]], keys=torch.full((1, 1), 7.0), channels=slice(2, 3))
+    slots.write(slots.key_offsets(blocks[3], tokens[3])[1], key[70, 1])
+    slots.write(slots.value_offsets(blocks[3], tokens[3])[1], value[70, 1])
+    slots.write(slots.key_offsets(blocks[4], tokens[4], slice(2, 3))[0], torch.full((1,), 7.0))
     key[3, 1], value[3, 1], key[4, 0, 2] = key[70, 1], value[70, 1], 7.0
     assert torch.equal(slots.keys(blocks, tokens), key) and torch.equal(slots.values(blocks, tokens), value)
 

@@ -126,28 +126,42 @@ def layer_layout(layer, kv_cache: torch.Tensor) -> BlockLayout:
 
 
 class PagedSlots:
-    """Whole key/value rows (all P channels) of cached tokens, addressed by (block, token in block).
+    """Key/value channels of cached tokens, addressed by (block, token in block), read and written through
+    flat element offsets into the layer's cache (one gather or scatter per access).
 
-    Indexing broadcasts: ``blocks`` and ``tokens`` of any matching shape [...] read [..., kv_heads, C].
+    ``key_offsets(blocks, tokens, channels)`` with ``blocks``/``tokens`` of one shape [...] gives
+    [..., kv_heads, C] offsets of those tokens' key channels in every kv head.
     """
 
     def __init__(self, kv_cache: torch.Tensor, layout: BlockLayout):
-        self.pages = kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], -1)
+        num_blocks, kv_heads, block_size, width = kv_cache.shape
+        page = block_size * width
+        if kv_cache.stride(1) != page or kv_cache.stride(2) != width or kv_cache.stride(3) != 1:
+            raise RuntimeError(f"Doge keep window: a (block, kv head) page of the KV cache is not contiguous: {kv_cache.stride()}")
+        self.block_stride = kv_cache.stride(0)
+        span = (num_blocks - 1) * self.block_stride + kv_heads * page
+        self.flat = kv_cache.as_strided((span,), (1,))
         self.layout = layout
-        self.heads = torch.arange(kv_cache.shape[1])
+        self.head_offsets = torch.arange(kv_heads) * page
 
-    def _read(self, index: torch.Tensor, blocks, tokens, channels) -> torch.Tensor:
-        idx = index[tokens][..., channels]  # [..., C]
-        return self.pages[blocks[..., None, None], self.heads[:, None], idx[..., None, :]]
+    def _offsets(self, index: torch.Tensor, blocks, tokens, channels) -> torch.Tensor:
+        base = blocks.long()[..., None, None] * self.block_stride + self.head_offsets[:, None]
+        return base + index[:, channels][tokens].unsqueeze(-2)
+
+    def key_offsets(self, blocks: torch.Tensor, tokens: torch.Tensor, channels=slice(None)) -> torch.Tensor:
+        return self._offsets(self.layout.key_index, blocks, tokens, channels)
+
+    def value_offsets(self, blocks: torch.Tensor, tokens: torch.Tensor, channels=slice(None)) -> torch.Tensor:
+        return self._offsets(self.layout.value_index, blocks, tokens, channels)
+
+    def read(self, offsets: torch.Tensor) -> torch.Tensor:
+        return self.flat[offsets]
+
+    def write(self, offsets: torch.Tensor, values: torch.Tensor) -> None:
+        self.flat[offsets] = values.to(self.flat.dtype)
 
     def keys(self, blocks: torch.Tensor, tokens: torch.Tensor, channels=slice(None)) -> torch.Tensor:
-        return self._read(self.layout.key_index, blocks, tokens, channels)
+        return self.read(self.key_offsets(blocks, tokens, channels))
 
     def values(self, blocks: torch.Tensor, tokens: torch.Tensor, channels=slice(None)) -> torch.Tensor:
-        return self._read(self.layout.value_index, blocks, tokens, channels)
-
-    def write(self, blocks, heads, tokens, keys=None, values=None, channels=slice(None)) -> None:
-        """Write rows [N, C] of keys and/or values at N (block, head, token) triples."""
-        for index, rows in ((self.layout.key_index, keys), (self.layout.value_index, values)):
-            if rows is not None:
-                self.pages[blocks[:, None], heads[:, None], index[tokens][:, channels]] = rows.to(self.pages.dtype)
+        return self.read(self.value_offsets(blocks, tokens, channels))

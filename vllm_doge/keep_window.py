@@ -30,6 +30,8 @@ exact rows, so the graph orders it before vLLM's attention ops.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from vllm.model_executor.layers.attention.attention import get_attention_context
 from vllm.utils.torch_utils import direct_register_custom_op
@@ -98,32 +100,64 @@ def dead_bias(dtype: torch.dtype) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def relocate_decode(slots: PagedSlots, block_table, reqs, p, rows, key, value, head_dim: int, digits: int, W: int):
-    """One-query requests at positions p >= W (``reqs``/``p``/``rows`` [R]): make slots (p-W, p] hold K_p.
+@dataclass
+class DecodePlan:
+    """Where the one-query requests of a step read and write, the same for every layer of the step (the
+    layers share the block table and the cache shape): computed once per step.
+
+    For R requests at positions p >= W: ``meta`` [R, W, kvh, 1+D] offsets of the bias and position
+    channels of slots p-W … p-1 (K_{p-1}); ``first_k``/``first_v`` [R, kvh, P] offsets of slot p-W's rows;
+    ``bases``/``tokens`` [R, W] each slot's block offset and token in block.
+    """
+
+    rows: torch.Tensor
+    p: torch.Tensor
+    meta: torch.Tensor
+    first_k: torch.Tensor
+    first_v: torch.Tensor
+    bases: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def build(cls, slots: PagedSlots, block_table, reqs, p, rows, head_dim: int, digits: int, W: int) -> "DecodePlan":
+        bs = slots.layout.block_size
+        window = p[:, None] - W + torch.arange(W)
+        blocks = block_table[reqs[:, None], window // bs]
+        tokens = window % bs
+        return cls(
+            rows=rows,
+            p=p,
+            meta=slots.key_offsets(blocks, tokens, slice(head_dim, head_dim + 1 + digits)),
+            first_k=slots.key_offsets(blocks[:, 0], tokens[:, 0]),
+            first_v=slots.value_offsets(blocks[:, 0], tokens[:, 0]),
+            bases=blocks.long() * slots.block_stride,
+            tokens=tokens,
+        )
+
+
+def relocate_decode(slots: PagedSlots, plan: DecodePlan, key, value, head_dim: int, W: int) -> None:
+    """One-query requests at positions p >= W: make slots (p-W, p] hold K_p.
 
     ``key``/``value`` [T, kv_heads, P] are the step's folded rows (written to slot p by vLLM afterwards).
+    Every (request, kv head) does the same work, whichever key leaves: slot p-W's row is copied onto the
+    leaving key's slot (onto itself when the leaving key is p-W's or the new one; the new one is then
+    replaced by it), then slot p-W is marked dead.
     """
-    bs = slots.layout.block_size
-    window = p[:, None] - W + torch.arange(W)  # [R, W] slots p-W … p-1: K_{p-1}
-    blocks = block_table[reqs[:, None], window // bs].long()
-    tokens = window % bs
-    meta = slots.keys(blocks, tokens, slice(head_dim, head_dim + 1 + digits))  # [R, W, kvh, 1+D]
-    old = key_order(meta[..., 0], decode_positions(meta[..., 1:]))
-    new = key_order(key[rows, :, head_dim], p[:, None])  # [R, kvh]
+    meta = slots.read(plan.meta)  # [R, W, kvh, 1+D]
+    old = key_order(meta[..., 0], decode_positions(meta[..., 1:]))  # [R, W, kvh]
+    new = key_order(key[plan.rows, :, head_dim], plan.p[:, None])  # [R, kvh]
     leaving = torch.cat([old, new[:, None]], 1).argmin(1)  # [R, kvh]; W = the new key
+    new_leaves = (leaving == W)[..., None]
+    dst = leaving.masked_fill(new_leaves[..., 0], 0)
 
-    first_k = slots.keys(blocks[:, 0], tokens[:, 0])  # slot p-W: [R, kvh, P]
-    first_v = slots.values(blocks[:, 0], tokens[:, 0])
-    r, h = ((leaving > 0) & (leaving < W)).nonzero(as_tuple=True)
-    dst = leaving[r, h]
-    slots.write(blocks[r, dst], h, tokens[r, dst], keys=first_k[r, h], values=first_v[r, h])
-    r, h = (leaving == W).nonzero(as_tuple=True)
-    key[rows[r], h] = first_k[r, h]
-    value[rows[r], h] = first_v[r, h]
-    kvh = slots.heads.numel()
-    r = torch.arange(p.numel()).repeat_interleave(kvh)
-    dead = torch.full((r.numel(), 1), dead_bias(key.dtype))
-    slots.write(blocks[r, 0], slots.heads.repeat(p.numel()), tokens[r, 0], keys=dead, channels=slice(head_dim, head_dim + 1))
+    first_k, first_v = slots.read(plan.first_k), slots.read(plan.first_v)  # slot p-W: [R, kvh, P]
+    base = plan.bases.gather(1, dst)[..., None] + slots.head_offsets[:, None]  # [R, kvh, 1]
+    tokens = plan.tokens.gather(1, dst)
+    slots.write(base + slots.layout.key_index[tokens], first_k)
+    slots.write(base + slots.layout.value_index[tokens], first_v)
+    key[plan.rows] = torch.where(new_leaves, first_k, key[plan.rows])
+    value[plan.rows] = torch.where(new_leaves, first_v, value[plan.rows])
+    slots.write(plan.first_k[..., head_dim], torch.full_like(first_k[..., 0], dead_bias(key.dtype)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,7 +216,7 @@ def prefill_chunk(slots: PagedSlots, block_row, p0: int, rows: slice, query, key
     kvh = key.shape[1]
     # K_{p0-1}: all keys before p0 while p0 <= W, else the slots (p0-1-W, p0-1] (the invariant).
     old = torch.arange(max(0, p0 - W), p0)
-    blocks, tokens = block_row[old // bs].long(), old % bs
+    blocks, tokens = block_row[old // bs], old % bs
     k_old = slots.keys(blocks, tokens).transpose(0, 1)  # [kvh, m, P]
     v_old = slots.values(blocks, tokens).transpose(0, 1)
     order_old = key_order(k_old[..., head_dim], decode_positions(k_old[..., head_dim + 1 : head_dim + 1 + digits]))
@@ -210,7 +244,10 @@ def prefill_chunk(slots: PagedSlots, block_row, p0: int, rows: slice, query, key
     cached = ~in_chunk
     if cached.any():
         d = dst[cached]
-        slots.write(block_row[d // bs].long(), h_to[cached], d % bs, keys=moved_k[cached], values=moved_v[cached])
+        heads = h_to[cached]
+        blocks, tokens = block_row[d // bs], d % bs
+        slots.write(slots.key_offsets(blocks, tokens)[torch.arange(d.numel()), heads], moved_k[cached])
+        slots.write(slots.value_offsets(blocks, tokens)[torch.arange(d.numel()), heads], moved_v[cached])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,21 +276,51 @@ def keep_window_step(
     if md.causal is not True:
         raise RuntimeError("Doge keep window: only causal decoder attention is supported")
     slots = PagedSlots(kv_cache, layer_layout(layer, kv_cache))
+    plan = _step_plan(md, slots, head_dim, digits, W)
+    if plan.decode is not None:
+        relocate_decode(slots, plan.decode, key, value, head_dim, W)
+    for r, rows, p0 in plan.prefill:
+        prefill_chunk(slots, md.block_table[r], p0, rows, query, key, value, exact, head_dim, digits, W, scale)
+        use[rows] = True
+    return exact, use
+
+
+@dataclass
+class StepPlan:
+    """What a step does, computed by its first layer and reused by the others: they share the metadata
+    object (one KV cache group), the block table and the cache shape."""
+
+    md: object
+    layout: object
+    params: tuple
+    decode: DecodePlan | None
+    prefill: list[tuple[int, slice, int]]  # (request, its rows, first position) of chunks ending past W
+
+
+_last_plan: StepPlan | None = None
+
+
+def _step_plan(md, slots: PagedSlots, head_dim: int, digits: int, W: int) -> StepPlan:
+    global _last_plan
+    params = (slots.block_stride, head_dim, digits, W)
+    last = _last_plan
+    if last is not None and last.md is md and last.layout is slots.layout and last.params == params:
+        return last
     num_reqs = md.seq_lens.shape[0]
     starts = md.query_start_loc[: num_reqs + 1].long()
     q_lens = starts[1:] - starts[:-1]
     seq_lens = md.seq_lens.long()
     past = seq_lens > W  # the last query of the step sees more than W keys
-    decode = ((q_lens == 1) & past).nonzero().flatten()
-    if decode.numel():
-        rows = starts[decode]
-        relocate_decode(slots, md.block_table, decode, seq_lens[decode] - 1, rows, key, value, head_dim, digits, W)
-    for r in ((q_lens > 1) & past).nonzero().flatten().tolist():
-        rows = slice(int(starts[r]), int(starts[r + 1]))
-        p0 = int(seq_lens[r] - q_lens[r])
-        prefill_chunk(slots, md.block_table[r], p0, rows, query, key, value, exact, head_dim, digits, W, scale)
-        use[rows] = True
-    return exact, use
+    reqs = ((q_lens == 1) & past).nonzero().flatten()
+    decode = None
+    if reqs.numel():
+        decode = DecodePlan.build(slots, md.block_table, reqs, seq_lens[reqs] - 1, starts[reqs], head_dim, digits, W)
+    prefill = [
+        (r, slice(int(starts[r]), int(starts[r + 1])), int(seq_lens[r] - q_lens[r]))
+        for r in ((q_lens > 1) & past).nonzero().flatten().tolist()
+    ]
+    _last_plan = StepPlan(md, slots.layout, params, decode, prefill)
+    return _last_plan
 
 
 def _keep_window_step_fake(query, key, value, layer_name, head_dim, keep_window_size, digits, scale):
