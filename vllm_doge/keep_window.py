@@ -40,7 +40,7 @@ from .cpu_cache import PagedSlots, layer_layout
 
 POSITION_BASE = 256  # digits 0..255: integers exact in bf16 (8 significant bits) and wider types
 # Queries per block of the exact prefill path; each scores W + block candidates.
-_MIN_QUERY_BLOCK = 128
+QUERY_BLOCK = 128
 
 
 def keep_window_binds(keep_window_size: int, sliding_window: int | None, max_model_len: int) -> bool:
@@ -165,41 +165,40 @@ def relocate_decode(slots: PagedSlots, plan: DecodePlan, key, value, head_dim: i
 # --------------------------------------------------------------------------------------------------
 
 
-def chunk_attention(q, new, kept, *, scale: float, W: int):
+def chunk_attention(q, new, kept, *, scale: float, W: int, head_dim: int):
     """Exact keep-window attention for the queries of one chunk, one per chunk key, in order.
 
     q [c, H, P] folded queries; ``new`` = (k, v, order, slot) of the chunk's keys and ``kept`` the same
     for K_{p0-1}: k / v [kvh, n, P], order / slot [kvh, n] (m <= W old keys per head; slot = where a
     key is cached). Query i keeps key j iff j is visible (an old key, or a chunk key at or before i)
     and fewer than W visible keys rank above it. Queries go in blocks; each block is scored against
-    the kept set before it plus its own keys. Returns (out [c, H, P] fp32, the kept set after the last
-    query).
+    the kept set before it plus its own keys. Only the channels q' and v carry are multiplied: q·k and
+    the bias (d + 1), and v (d). Returns (out [c, H, d] fp32, the kept set after the last query).
     """
-    c, num_heads, p = q.shape
+    c, num_heads, _ = q.shape
     k_new, v_new, order_new, slot_new = new
-    kvh = k_new.shape[0]
+    kvh, _, p = k_new.shape
     groups = num_heads // kvh
-    out = torch.empty(c, num_heads, p, dtype=torch.float32)
+    out = torch.empty(c, num_heads, head_dim, dtype=torch.float32)
     k, v, order, slot = kept
-    step = max(W, _MIN_QUERY_BLOCK)
-    for a in range(0, c, step):
-        b = min(c, a + step)
+    for a in range(0, c, QUERY_BLOCK):
+        b = min(c, a + QUERY_BLOCK)
         s, m = b - a, order.shape[1]
         k = torch.cat([k, k_new[:, a:b]], 1)  # candidates [kvh, m+s, P]
         v = torch.cat([v, v_new[:, a:b]], 1)
         block_order = order_new[:, a:b]
         order = torch.cat([order, block_order], 1)
         slot = torch.cat([slot, slot_new[:, a:b]], 1)
-        # Keys ranked above candidate j: old ones (fixed), plus chunk keys up to query i (a cumsum).
+        # Keys ranked above candidate j: old ones (fixed), plus chunk keys up to query i (a running count).
         above = (order[:, :m, None] > order[:, None, :]).sum(1)  # [kvh, m+s]
-        above = above[:, None, :] + (block_order[:, :, None] > order[:, None, :]).cumsum(1)  # [kvh, s, m+s]
+        above = above[:, None, :] + (block_order[:, :, None] > order[:, None, :]).cumsum(1, dtype=torch.int16)
         visible = torch.ones(s, m + s, dtype=torch.bool)
         visible[:, m:] = torch.ones(s, s, dtype=torch.bool).tril()
-        keep = visible & (above < W)
-        qf = q[a:b].float().view(s, kvh, groups, p).permute(1, 2, 0, 3)  # [kvh, G, s, P]
-        scores = (qf @ k.float().transpose(1, 2)[:, None]).mul_(scale)
+        keep = visible & (above < W)  # [kvh, s, m+s]
+        qf = q[a:b, :, : head_dim + 1].float().view(s, kvh, groups, -1).permute(1, 2, 0, 3)  # [kvh, G, s, d+1]
+        scores = (qf @ k[..., : head_dim + 1].float().transpose(1, 2)[:, None]).mul_(scale)
         probs = scores.masked_fill_(~keep[:, None], float("-inf")).softmax(-1)
-        out[a:b] = (probs @ v.float()[:, None]).permute(2, 0, 1, 3).reshape(s, num_heads, p)
+        out[a:b] = (probs @ v[..., :head_dim].float()[:, None]).permute(2, 0, 1, 3).reshape(s, num_heads, head_dim)
         if m + s > W:
             top = order.topk(W, dim=1, sorted=False).indices
             rows = top[..., None].expand(-1, -1, p)
@@ -224,8 +223,9 @@ def prefill_chunk(slots: PagedSlots, block_row, p0: int, rows: slice, query, key
     positions = torch.arange(p0, p1 + 1)
     new = (k_new, v_new, key_order(k_new[..., head_dim], positions), positions.expand(kvh, -1))
     kept = (k_old, v_old, order_old, old.expand(kvh, -1))
-    result, (k, v, _, slot) = chunk_attention(query[rows], new, kept, scale=scale, W=W)
-    out[rows] = result.to(out.dtype)
+    result, (k, v, _, slot) = chunk_attention(query[rows], new, kept, scale=scale, W=W, head_dim=head_dim)
+    out[rows, :, :head_dim] = result.to(out.dtype)
+    out[rows, :, head_dim:] = 0
 
     # Pack: kept keys already in (p1-W, p1] stay; the others move into the slots there that hold a
     # dropped key. Chunk slots are written through the step's k/v rows, earlier ones in the cache.
