@@ -1,7 +1,11 @@
 """One benchmark system in its own process, driven by `benchmarks/throughput.py` (or `profile_models.py`).
 
     python benchmarks/_worker.py --system vllm --model DIR --mode eager|compiled [--impl auto|transformers]
-    python benchmarks/_worker.py --system hf --model DIR
+        [--dtype float32|bfloat16] [--max-model-len N] [--no-prefix-caching]
+    python benchmarks/_worker.py --system hf --model DIR [--dtype float32|bfloat16]
+
+Checkpoints are fp32 on disk; `--dtype` is the dtype the engine (vLLM's `dtype=`, transformers'
+`from_pretrained(dtype=...)`) casts them to, and so also the KV cache's dtype.
 
 The process loads one model (a vLLM engine, or transformers' `DogeForCausalLM` for `generate`), reports
 `ready`, then serves commands, one JSON object per line on stdin:
@@ -11,6 +15,11 @@ The process loads one model (a vLLM engine, or transformers' `DogeForCausalLM` f
         reports the wall time of that call only (engine start is never timed)
     {"cmd": "profile", "seed": S, ..., "out": "PATH", "row_limit": 40}
         the same under torch.profiler; writes PATH.txt (op table) and PATH.json (op totals)
+    {"cmd": "kv", "seed": S, "prompt_len": L, "max_tokens": M}
+        (vLLM only, untimed) one request of that shape, driven step by step through the engine
+        (`llm_engine.add_request` + `llm_engine.step()`); after every step, the KV cache blocks the
+        request holds (non-null blocks of each KV cache group x the group's block size): see
+        `VllmSystem.kv_probe`
     {"cmd": "quit"}
 
 Replies are JSON lines written to the file descriptor named by $BENCH_RESULT_FD (stdout and stderr
@@ -70,7 +79,7 @@ class VllmSystem:
 
         options = dict(
             model=args.model,
-            dtype="float32",
+            dtype=args.dtype,
             enforce_eager=args.mode == "eager",
             model_impl=args.impl,
             gpu_memory_utilization=0.3,
@@ -89,6 +98,7 @@ class VllmSystem:
 
         info = {"start_s": round(self.start_s, 1), "torch_threads": torch.get_num_threads()}
         engine = self.llm.llm_engine
+        info["dtype"] = str(engine.vllm_config.model_config.dtype).removeprefix("torch.")
         core = getattr(getattr(engine, "engine_core", None), "engine_core", None)
         vllm_config = engine.vllm_config
         sched = vllm_config.scheduler_config
@@ -97,6 +107,7 @@ class VllmSystem:
         info["enable_prefix_caching"] = vllm_config.cache_config.enable_prefix_caching
         info["compilation_mode"] = str(vllm_config.compilation_config.mode)
         info["max_model_len"] = vllm_config.model_config.max_model_len
+        info["async_scheduling"] = getattr(sched, "async_scheduling", None)
         kv = getattr(getattr(core, "scheduler", None), "kv_cache_config", None)
         if kv is not None:
             # Bytes one token occupies in the cache, summed over every attention layer, from the
@@ -114,6 +125,8 @@ class VllmSystem:
                         "page_size_bytes": page,
                         "num_kv_heads": getattr(spec, "num_kv_heads", None),
                         "head_size": getattr(spec, "head_size", None),
+                        "sliding_window": getattr(spec, "sliding_window", None),
+                        "dtype": str(getattr(spec, "dtype", "")).removeprefix("torch."),
                         "spec": type(spec).__name__,
                     }
                 )
@@ -159,6 +172,72 @@ class VllmSystem:
             "head": first,
         }
 
+    def kv_probe(self, seed: int, prompt_len: int, max_tokens: int) -> dict:
+        """KV cache held by ONE request of the workload's shape, from the engine's own block accounting.
+
+        The request is driven through the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), one
+        `step()` at a time; after each step, per KV cache group, the request's non-null blocks (a
+        sliding-window group replaces the blocks it has freed by the null block) x the group's block
+        size = the tokens' worth of cache it holds. Summed over groups: `kv_tokens_per_request`; with
+        each group's bytes per token (layers x page bytes / block size): `kv_bytes_per_request`.
+        Steps whose request has computed at most the prompt are prefill steps (their peak:
+        `..._prefill_peak`; a prompt done in one chunk holds all its blocks until the next step's
+        scheduling frees those before the window); the later ones are decode steps (the peak there is
+        the steady state the KV budget has to hold per running request).
+        """
+        from vllm import SamplingParams
+
+        engine = self.llm.llm_engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("kv probe: the engine has unfinished requests")
+        scheduler = engine.engine_core.engine_core.scheduler
+        managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+        groups = scheduler.kv_cache_config.kv_cache_groups
+        # bytes one token's worth of a block costs in each group, over all of the group's layers
+        # (manager.block_size is the spec's block size times the DCP world size: 1 here)
+        per_token = [len(g.layer_names) * g.kv_cache_spec.page_size_bytes / g.kv_cache_spec.block_size for g in groups]
+        prompt = make_prompts(seed, 1, prompt_len, self.vocab)[0]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+        request_id = engine.add_request(f"kv-probe-{seed}", {"prompt_token_ids": prompt}, params)
+        trace = []  # (tokens computed after the step, tokens held per group)
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+            request = scheduler.requests.get(request_id)
+            if request is None:  # finished: its blocks are already freed
+                continue
+            held = [sum(not b.is_null for b in m.req_to_blocks.get(request_id, [])) * m.block_size for m in managers]
+            trace.append((request.num_computed_tokens, held))
+            if steps > 4 * (prompt_len + max_tokens):
+                raise RuntimeError("kv probe: the request does not finish")
+        prefill = [h for computed, h in trace if computed <= prompt_len]
+        decode = [h for computed, h in trace if computed > prompt_len]
+
+        def peak(rows, weights=None):
+            if not rows:
+                return None
+            weights = weights or [1] * len(managers)
+            return max(sum(w * t for w, t in zip(weights, row)) for row in rows)
+
+        return {
+            "prompt_len": prompt_len,
+            "max_tokens": max_tokens,
+            "steps": steps,
+            "prefill_steps": len(prefill),
+            "block_sizes": [m.block_size for m in managers],
+            "managers": [type(m).__name__ for m in managers],
+            "kv_bytes_per_token_by_group": per_token,
+            "kv_tokens_per_request": peak(decode),
+            "kv_tokens_per_request_prefill_peak": peak(prefill),
+            "kv_bytes_per_request": peak(decode, per_token),
+            "kv_bytes_per_request_prefill_peak": peak(prefill, per_token),
+            # tokens held by each group, at the decode peak (summed over groups above)
+            "kv_tokens_per_request_by_group": max(decode, key=sum) if decode else None,
+            # (tokens computed, tokens held summed over groups) after each step, thinned to ~64 points
+            "trace": [(c, sum(h)) for c, h in trace[:: max(1, len(trace) // 64)]],
+        }
+
     def close(self) -> None:
         try:
             self.llm.llm_engine.engine_core.shutdown()
@@ -177,8 +256,9 @@ class HfSystem:
         import transformers
 
         start = time.perf_counter()
-        # transformers' own DogeForCausalLM (not doge_hf), fp32, as a user would load the checkpoint.
-        self.model = transformers.DogeForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        # transformers' own DogeForCausalLM (not doge_hf), as a user would load the checkpoint.
+        self.dtype = getattr(torch, args.dtype)
+        self.model = transformers.DogeForCausalLM.from_pretrained(args.model, dtype=self.dtype).eval()
         self.start_s = time.perf_counter() - start
         self.vocab = self.model.config.vocab_size
         self.torch = torch
@@ -187,6 +267,7 @@ class HfSystem:
         return {
             "start_s": round(self.start_s, 1),
             "torch_threads": self.torch.get_num_threads(),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
             "model_class": f"{type(self.model).__module__}.{type(self.model).__name__}",
         }
 
@@ -257,7 +338,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--mode", choices=["eager", "compiled"], default="eager")
     parser.add_argument("--impl", default="auto", help="vLLM model_impl (auto, vllm, transformers)")
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and KV cache")
+    parser.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len (default: the model's)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="enable_prefix_caching=False")
     args = parser.parse_args()
 
@@ -281,6 +363,10 @@ def main() -> None:
                 result = system.run(command["seed"], command["requests"], command["prompt_len"], command["max_tokens"])
             elif cmd == "profile":
                 result = _profile(system, command)
+            elif cmd == "kv":
+                if not isinstance(system, VllmSystem):
+                    raise ValueError("kv: vLLM systems only")
+                result = system.kv_probe(command["seed"], command["prompt_len"], command["max_tokens"])
             else:
                 raise ValueError(f"unknown command {cmd!r}")
             reply.send(event="result", load=os.getloadavg()[0], **result)

@@ -3,13 +3,16 @@
     python benchmarks/profile_models.py                                 # doge-20m, both modes
     python benchmarks/profile_models.py --preset doge-60m --modes eager --systems doge,qwen3
     python benchmarks/profile_models.py --doge-path /tmp/proto          # a modified copy of vllm_doge
+    python benchmarks/profile_models.py --preset doge-20m-long-decode --dtype bfloat16 --modes compiled
 
 Each system runs in its own process (benchmarks/_worker.py), one thread by default, does one warm-up
 run and then the workload once under torch.profiler. Self CPU time per operator is grouped into
 categories (GEMMs, attention kernel, norms, RoPE, elementwise, sampling, compiled kernels, ...); the
 time the profiler attributes to no operator (scheduler, input preparation, Python glue) is the
 difference between the wall time and the summed self times (single thread: they add up). Writes
-benchmarks/results/profile/<preset>.<mode>.<system>.{txt,json} and prints one comparison table per mode.
+benchmarks/results/profile/<preset>.<mode>[.<dtype>].<system>.{txt,json} (the dtype only when not float32)
+and prints one comparison table per mode. Weights and KV cache are `--dtype` (default float32); the
+engines' max_model_len is the preset's (prompt + generated for the long-context presets).
 
 Compiled mode sets TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE=1 (inductor's fused C++ kernels then show
 up by name) and VLLM_DISABLE_COMPILE_CACHE=1 (so that the profiling build is not reused elsewhere, nor
@@ -31,6 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 from benchmarks.throughput import (  # noqa: E402
     PRESETS,
     WORKLOADS,
+    Workload,
     Worker,
     build_checkpoints,
     kv_space_gib,
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per system (0: defaults)")
     parser.add_argument("--doge-path", default=None, help="prepend to PYTHONPATH for the doge system (a modified copy)")
     parser.add_argument("--tag", default="", help="suffix of the output files")
@@ -97,28 +102,30 @@ def main() -> None:
     requests = args.requests or base.requests
     prompt_len = args.prompt_len or base.prompt_len
     max_tokens = args.max_tokens or base.max_tokens
+    workload = Workload(requests, prompt_len, max_tokens)
+    dtag = "" if args.dtype == "float32" else f".{args.dtype}"
     ckpts = None if args.from_files else build_checkpoints(args.preset, preset)
     OUT.mkdir(parents=True, exist_ok=True)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    print(f"# profile {args.preset}: {requests} x ({prompt_len} -> {max_tokens}), systems {systems}", flush=True)
+    print(f"# profile {args.preset}: {workload.describe()}, {args.dtype}, systems {systems}", flush=True)
 
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        env = worker_env(kv_space_gib(preset, base), args.threads)
+        env = worker_env(kv_space_gib(preset, workload), args.threads)
         if mode == "compiled":
             env.update(TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE="1", VLLM_DISABLE_COMPILE_CACHE="1")
         summaries, walls = {}, {}
         for system in systems:
-            stem = f"{args.preset}.{mode}.{system}{args.tag}"
+            stem = f"{args.preset}.{mode}{dtag}.{system}{args.tag}"
             if args.from_files:
                 saved = json.loads((OUT / f"{stem}.json").read_text())
-                earlier = json.loads((OUT / f"{args.preset}.{mode}{args.tag}.summary.json").read_text())["walls"][system]
+                earlier = json.loads((OUT / f"{args.preset}.{mode}{dtag}{args.tag}.summary.json").read_text())["walls"][system]
                 summaries[system] = summarise(saved["ops"], saved["result"]["elapsed_s"])
                 walls[system] = tuple(earlier)
                 continue
             sys_env = dict(env)
             if system == "doge" and args.doge_path:
                 sys_env["PYTHONPATH"] = os.pathsep.join([args.doge_path, env.get("PYTHONPATH", "")]).strip(os.pathsep)
-            worker = Worker(system, worker_argv(system, mode, ckpts, preset), sys_env, OUT / f"{stem}.log")
+            worker = Worker(system, worker_argv(system, mode, ckpts, preset, args.dtype, workload), sys_env, OUT / f"{stem}.log")
             try:
                 info = worker.receive(3600)["info"]
                 print(f"  {mode} {system}: started in {info.get('start_s')} s ({info.get('model_class')})", flush=True)
@@ -137,7 +144,7 @@ def main() -> None:
                 flush=True,
             )
         categories = sorted({c for s in summaries.values() for c in s}, key=lambda c: -max(s.get(c, 0) for s in summaries.values()))
-        print(f"\n### {args.preset}, {mode}: self CPU ms per category (one profiled run)\n")
+        print(f"\n### {args.preset}, {mode}, {args.dtype}: self CPU ms per category (one profiled run)\n")
         print("| category | " + " | ".join(systems) + (" | difference (first − second) |" if len(systems) == 2 else " |"))
         print("|---|" + "---|" * (len(systems) + (1 if len(systems) == 2 else 0)))
         for c in categories:
@@ -147,7 +154,7 @@ def main() -> None:
             print(f"| {c} | " + " | ".join(cells) + " |")
         print("| **wall (profiled)** | " + " | ".join(f"{walls[s][1] * 1e3:.0f}" for s in systems) + (" | |" if len(systems) == 2 else " |"))
         print("| wall unprofiled | " + " | ".join(f"{walls[s][0] * 1e3:.0f}" for s in systems) + (" | |" if len(systems) == 2 else " |"))
-        (OUT / f"{args.preset}.{mode}{args.tag}.summary.json").write_text(
+        (OUT / f"{args.preset}.{mode}{dtag}{args.tag}.summary.json").write_text(
             json.dumps({"summaries": summaries, "walls": walls}, indent=1) + "\n"
         )
         print(flush=True)

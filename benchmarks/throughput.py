@@ -1,14 +1,17 @@
 """Offline generation throughput of vllm_doge against the engine's limit and the alternatives.
 
-    python benchmarks/throughput.py                      # every preset, eager and compiled, 2 rounds x 3 reps
-    python benchmarks/throughput.py --quick              # smoke run: doge-20m, 16 x (64 -> 64), 1 round x 2 reps
-    python benchmarks/throughput.py --presets doge-20m,doge-20m-moe --modes eager --reps 3
+    python benchmarks/throughput.py                      # every preset, eager and compiled, bf16 and fp32, 2 rounds x 3 reps
+    python benchmarks/throughput.py --quick              # smoke run: doge-20m 16 x (64 -> 64) and doge-20m-long-decode
+                                                         # 4 x (768 -> 128), bf16 only, 1 round x 2 reps
+    python benchmarks/throughput.py --presets doge-20m,doge-20m-moe --modes eager --dtypes float32 --reps 3
+    python benchmarks/throughput.py --presets doge-20m-long-decode,doge-20m-long-prefill --modes compiled
     python benchmarks/throughput.py --presets doge-20m --systems doge,qwen3 --doge-alt /tmp/copy  # A/B a change
     python benchmarks/throughput.py --report latest      # re-print the table and redraw the chart from JSON
 
 For each shape preset, on one workload (N requests of L random prompt token ids, M generated tokens,
-greedy, EOS ignored, fp32), the systems are timed in alternation, each repetition in a rotated order,
-and medians are reported:
+greedy, EOS ignored), in each dtype of `--dtypes` (bfloat16 and float32 by default: weights and KV
+cache; the checkpoints are fp32 on disk and the engines cast them), the systems are timed in
+alternation, each repetition in a rotated order, and medians are reported:
 
     doge      vllm_doge (this plugin) on a Doge checkpoint with random non-trivial weights
     qwen3     vLLM's native Qwen3ForCausalLM with identical dimensions: the engine's limit for this shape
@@ -18,10 +21,33 @@ and medians are reported:
     doge_alt  (only with --doge-alt DIR) vllm_doge imported from DIR (a modified copy), same checkpoint:
               A/B-tests an optimisation against `doge` in the same alternation (ratio alt_over_doge)
 
+Presets: doge-20m, doge-60m (Doge-20M/60M shapes), doge-20m-moe (CDMoE), and two long-context presets
+on the Doge-20M shape with keep_window_size W = 256 < max_model_len = prompt + generated, where the
+sparse keep-window path runs (every attention layer is a sliding window of W + 1 to vLLM, which frees
+KV blocks before the window, and vllm_doge relocates keys inside it):
+
+    doge-20m-long-decode   16 x (2048 -> 512)   decode-heavy   (target doge/qwen3 >= 1.8, compiled)
+    doge-20m-long-prefill   4 x (4096 -> 64)    prefill-heavy  (target doge/qwen3 >= 1.0)
+
+vllm_doge turns prefix caching off for such a model, so both systems of these presets run with
+`enable_prefix_caching=False` (the presets' `prefix_caching=False`); the other presets keep vLLM's default
+(on) for both. The engines' max_model_len is the model's max_position_embeddings, or prompt + generated
+for the long-context presets (`fit_context`); the KV cache (VLLM_CPU_KVCACHE_SPACE) holds the whole
+workload of the largest system (fp32, padded head) twice over, so nothing is preempted.
+
+KV cache per request (`kv_probe`): after a group's timed runs, each vLLM system runs ONE request of the
+workload's shape through its engine step by step (`llm_engine.add_request` + `step()`); after every
+step the request's non-null KV blocks x block size, summed over KV cache groups, is the cache it holds.
+`kv_tokens_per_request` is the peak over decode steps, `kv_tokens_per_request_prefill_peak` over prefill
+steps. Ratios: `kv_tokens_per_request_over_qwen3` (the keep window's target: <= (W + 2 blocks) / (prompt
++ generated)) and `requests_per_kv_budget_over_qwen3`, how many such requests one KV budget holds, Doge
+over Qwen3 = Qwen3's KV bytes per request / Doge's (tokens held x the engine's bytes per token, which
+for Doge includes the padded head; target >= 4). A preset's `targets` are checked and printed.
+
 vLLM systems run in `enforce_eager=True` ("eager") and the default torch.compile mode ("compiled");
 `hf` does not depend on the mode and is timed in both groups (its two medians are a noise check).
-Every system runs in its own process (benchmarks/_worker.py); all processes of a (preset, mode) group
-start first (untimed), each does one untimed warm-up run, then the timed repetitions alternate between
+Every system runs in its own process (benchmarks/_worker.py); all processes of a (preset, mode, dtype)
+group start first (untimed), each does one untimed warm-up run, then the timed repetitions alternate between
 them. Each repetition draws fresh prompts (the same for every system in that repetition), so vLLM's
 prefix cache never hits across repetitions. A group runs in `--rounds` rounds, each with freshly
 started processes: on this machine two engine instances of one model differ by a few percent (measured:
@@ -34,9 +60,10 @@ of 2 threads stalls at every barrier when another process holds a core: measured
 vllm_doge run took 1.3 s or 9.2 s; with one thread, repetitions stay within a few percent. Wall time and process CPU time are
 both recorded; `ratios_cpu_time` (tokens per CPU second) is the less load-sensitive of the two.
 
-Output: a markdown table on stdout, benchmarks/results/<name>.json (name: latest, or quick with
---quick) with the raw per-repetition numbers and, per preset, `ratios` (medians of ratios paired within
-each repetition; output tokens/s of the first system over the second) and benchmarks/results/<name>.png.
+Output: a markdown table on stdout (one row per preset, dtype and mode), benchmarks/results/<name>.json
+(name: latest, or quick with --quick) with the raw per-repetition numbers, the KV probes and, per preset
+and dtype (`<preset>.dtypes.<dtype>`), `ratios` (medians of ratios paired within each repetition; output
+tokens/s of the first system over the second; plus the KV ratios) and benchmarks/results/<name>.png.
 """
 
 from __future__ import annotations
@@ -94,8 +121,16 @@ class Workload:
 
 
 WORKLOADS = {
-    "full": {"main": Workload(64, 128, 128), "long": Workload(16, 1024, 128)},
-    "quick": {"main": Workload(16, 64, 64), "long": Workload(4, 512, 32)},
+    "full": {
+        "main": Workload(64, 128, 128),
+        "long-decode": Workload(16, 2048, 512),
+        "long-prefill": Workload(4, 4096, 64),
+    },
+    "quick": {
+        "main": Workload(16, 64, 64),
+        "long-decode": Workload(4, 768, 128),  # still past the keep window (256): the sparse path runs
+        "long-prefill": Workload(2, 1024, 32),
+    },
 }
 
 
@@ -106,7 +141,21 @@ class Preset:
     systems: tuple[str, ...]
     note: str = ""
     prefix_caching: bool = True  # vLLM's default; every vLLM system of the preset runs with this setting
+    # True: every vLLM system runs with max_model_len = prompt_len + max_tokens of the workload (else the
+    # model's max_position_embeddings); for a Doge model this decides whether the keep window binds.
+    fit_context: bool = False
+    # ratio key -> (">=" or "<=", value); "kv_window" stands for (W + 2 * block) / (prompt + generated)
+    targets: tuple = ()
 
+
+# keep_window_size 256 < max_model_len: every attention layer is a sliding window of W + 1 to vLLM (blocks
+# before the window are freed: O(W) KV per request) and keys are relocated inside it (keep_window.py).
+LONG = {**DOGE_20M, "keep_window_size": 256}
+LONG_NOTE = (
+    "Doge-20M shape, keep_window_size 256 < max_model_len = prompt + generated: the sparse keep-window path "
+    "(sliding window of W+1, relocation); prefix caching off for both systems (vllm_doge turns it off for "
+    "such a model, so Qwen3 runs without it too)"
+)
 
 PRESETS = {
     "doge-20m": Preset(DOGE_20M, "main", ("doge", "qwen3", "fallback", "hf"), "Doge-20M shape"),
@@ -117,22 +166,32 @@ PRESETS = {
         ("doge", "dense", "qwen3", "fallback", "hf"),
         "Doge-20M shape with CDMoE (1024 experts, top-16); qwen3 and dense have no experts",
     ),
-    "doge-20m-long": Preset(
-        {**DOGE_20M, "keep_window_size": 256},
-        "long",
+    "doge-20m-long-decode": Preset(
+        {**LONG, "max_position_embeddings": 2560},
+        "long-decode",
         ("doge", "qwen3"),
-        "Doge-20M shape, keep_window_size 256 < context: the exact keep-window path runs",
-    ),
-    "doge-20m-long-evict": Preset(
-        {**DOGE_20M, "keep_window_size": 256},
-        "long",
-        ("doge", "qwen3"),
-        "as doge-20m-long with prefix caching off (both systems): the keep window evicts keys in the cache",
+        LONG_NOTE + "; decode-heavy",
         prefix_caching=False,
-    ),
+        fit_context=True,
+        targets=(("doge_over_qwen3", ">=", 1.8), ("kv_tokens_per_request_over_qwen3", "<=", "kv_window"),
+                 ("requests_per_kv_budget_over_qwen3", ">=", 4.0)),
+    ),  # fmt: skip
+    "doge-20m-long-prefill": Preset(
+        {**LONG, "max_position_embeddings": 8192},
+        "long-prefill",
+        ("doge", "qwen3"),
+        LONG_NOTE + "; prefill-heavy",
+        prefix_caching=False,
+        fit_context=True,
+        targets=(("doge_over_qwen3", ">=", 1.0), ("kv_tokens_per_request_over_qwen3", "<=", "kv_window"),
+                 ("requests_per_kv_budget_over_qwen3", ">=", 4.0)),
+    ),  # fmt: skip
 }
-FULL_PRESETS = ["doge-20m", "doge-60m", "doge-20m-moe", "doge-20m-long", "doge-20m-long-evict"]
-QUICK_PRESETS = ["doge-20m"]
+FULL_PRESETS = ["doge-20m", "doge-60m", "doge-20m-moe", "doge-20m-long-decode", "doge-20m-long-prefill"]
+QUICK_PRESETS = ["doge-20m", "doge-20m-long-decode"]
+DTYPES = ["bfloat16", "float32"]
+# --quick: one dtype (each dtype doubles the engine starts, and a compiled start takes 1-2 min here)
+QUICK_DTYPES = ["bfloat16"]
 
 RATIOS = {  # ratio key -> (numerator, denominator): output tokens/s, paired per repetition
     "doge_over_qwen3": ("doge", "qwen3"),
@@ -168,23 +227,38 @@ def build_checkpoints(name: str, preset: Preset) -> Checkpoints:
     return Checkpoints(doge, qwen3, dense)
 
 
-def worker_argv(system: str, mode: str, ckpts: Checkpoints, preset: Preset) -> list[str]:
-    base = [sys.executable, str(WORKER)]
+def max_model_len(preset: Preset, workload: Workload) -> int | None:
+    """The engines' max_model_len: None = the model's own (max_position_embeddings)."""
+    return workload.prompt_len + workload.max_tokens if preset.fit_context else None
+
+
+def worker_argv(system: str, mode: str, ckpts: Checkpoints, preset: Preset, dtype: str = "float32",
+                workload: Workload | None = None) -> list[str]:  # fmt: skip
+    base = [sys.executable, str(WORKER), "--dtype", dtype]
     if system == "hf":
         return base + ["--system", "hf", "--model", str(ckpts.doge)]
     model = {"doge": ckpts.doge, "doge_alt": ckpts.doge, "fallback": ckpts.doge, "qwen3": ckpts.qwen3,
              "dense": ckpts.dense}[system]  # fmt: skip
     impl = "transformers" if system == "fallback" else "auto"
     argv = base + ["--system", "vllm", "--model", str(model), "--mode", mode, "--impl", impl]
+    length = workload and max_model_len(preset, workload)
+    if length:
+        argv += ["--max-model-len", str(length)]
     return argv if preset.prefix_caching else argv + ["--no-prefix-caching"]
 
 
 def kv_space_gib(preset: Preset, workload: Workload) -> int:
-    """KV cache size for the engines: the whole workload resident (no preemption) with room to spare."""
+    """KV cache size for the engines: the whole workload resident (no preemption) with room to spare.
+
+    Sized for the largest system of any dtype: fp32 (bf16 needs half), the head padded by 64 channels
+    (Doge's folded bias; Qwen3 needs less), every request holding its whole context rounded up to
+    128-token blocks (true of Qwen3; Doge past its keep window holds less), times 2.
+    """
     d = preset.doge
     head_dim = d["hidden_size"] // d["num_attention_heads"]
     per_token = d["num_hidden_layers"] * d["num_key_value_heads"] * 2 * 4 * (head_dim + 64)  # padded head
-    need = per_token * workload.requests * (workload.prompt_len + workload.max_tokens)
+    context = -(-(workload.prompt_len + workload.max_tokens) // 128) * 128
+    need = per_token * workload.requests * context
     return max(1, math.ceil(2 * need / 2**30))
 
 
@@ -286,20 +360,22 @@ def worker_env(kv_gib: int, threads: int | None) -> dict:
 METRICS = ("elapsed_s", "cpu_s", "output_tokens", "tok_s", "tok_per_cpu_s", "load", "first_tokens", "rep_ids")
 
 
-def run_round(name, preset, mode, workload, ckpts, reps, seed_base, log_dir, timeouts, threads, systems, alt, rnd) -> dict:
-    """Start every system of a (preset, mode) group, warm each up once, then alternate `reps` timed runs."""
+def run_round(name, preset, mode, dtype, workload, ckpts, reps, seed_base, log_dir, timeouts, threads, systems, alt,
+              rnd, kv_probe) -> dict:  # fmt: skip
+    """Start every system of a (preset, mode, dtype) group, warm each up once, then alternate `reps` timed
+    runs; then (if `kv_probe`) measure the KV cache one request holds in each vLLM system (untimed)."""
     env = worker_env(kv_space_gib(preset, workload), threads)
-    group = {"systems": {}, "order": [], "errors": {}}
+    group = {"systems": {}, "order": [], "errors": {}, "kv_probe": {}}
     workers: dict[str, Worker] = {}
-    tag = f"[{name} {mode}{f' round {rnd + 1}' if rnd else ''}]"
+    tag = f"[{name} {mode} {dtype}{f' round {rnd + 1}' if rnd else ''}]"
     try:
         for system in systems:  # started one after another: engine start is never timed
-            log = log_dir / f"{name}.{mode}.{system}.r{rnd + 1}.log"
+            log = log_dir / f"{name}.{mode}.{dtype}.{system}.r{rnd + 1}.log"
             print(f"  {tag} starting {system} ...", flush=True)
             system_env = env
             if system == "doge_alt":  # the copy's vllm_doge comes first on sys.path (before the editable install)
                 system_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (alt, env.get("PYTHONPATH")) if p)}
-            worker = Worker(system, worker_argv(system, mode, ckpts, preset), system_env, log)
+            worker = Worker(system, worker_argv(system, mode, ckpts, preset, dtype, workload), system_env, log)
             try:
                 worker.info = worker.receive(timeouts["start"])["info"]
             except WorkerError as exc:
@@ -351,6 +427,25 @@ def run_round(name, preset, mode, workload, ckpts, reps, seed_base, log_dir, tim
                     f"({result['elapsed_s']:.2f} s wall, {result['cpu_s']:.2f} s CPU, load {result['load']:.1f})",
                     flush=True,
                 )
+
+        for system in [s for s in systems if s in workers and s != "hf"] if kv_probe else []:
+            try:
+                probe = workers[system].request(
+                    timeouts["run"], cmd="kv", seed=seed_base + 555, prompt_len=workload.prompt_len,
+                    max_tokens=workload.max_tokens,
+                )  # fmt: skip
+            except WorkerError as exc:
+                print(f"  {tag} {system} kv probe failed: {str(exc)[:2000]}", flush=True)
+                group["errors"][f"{system} kv probe"] = str(exc)[-4000:]
+                continue
+            probe.pop("event", None)
+            group["kv_probe"][system] = probe
+            print(
+                f"  {tag} kv probe {system:8s} {probe['kv_tokens_per_request']} tokens held per request decoding "
+                f"(prefill peak {probe['kv_tokens_per_request_prefill_peak']}), "
+                f"{fmt(probe['kv_bytes_per_request'] and probe['kv_bytes_per_request'] / 2**20, 2)} MiB",
+                flush=True,
+            )
     finally:
         for worker in workers.values():
             worker.close()
@@ -359,8 +454,10 @@ def run_round(name, preset, mode, workload, ckpts, reps, seed_base, log_dir, tim
 
 def merge_rounds(rounds: list[dict]) -> dict:
     """One group from several rounds (fresh processes each): lists concatenated, medians and ratios over all."""
-    group = {"systems": {}, "order": [], "errors": {}, "rounds": len(rounds)}
+    group = {"systems": {}, "order": [], "errors": {}, "rounds": len(rounds), "kv_probe": {}}
     for rnd, part in enumerate(rounds):
+        for system, probe in part.get("kv_probe", {}).items():
+            group["kv_probe"].setdefault(system, probe)
         group["order"] += part["order"]
         group["errors"].update({f"{s} (round {rnd + 1})": e for s, e in part["errors"].items()})
         for system, record in part["systems"].items():
@@ -382,8 +479,47 @@ def merge_rounds(rounds: list[dict]) -> dict:
             same = [ref[i] == t for i, t in zip(record["rep_ids"], record["first_tokens"]) if i in ref]
             group["first_tokens_match_hf"][system] = sum(same) / len(same) if same else None
     group["ratios"] = paired_ratios(group, "tok_s")
+    group["ratios"].update(kv_probe_ratios(group))
     group["ratios_cpu_time"] = paired_ratios(group, "tok_per_cpu_s")
     return group
+
+
+def kv_probe_ratios(group: dict) -> dict:
+    """vllm_doge over Qwen3 from the KV probes (one request of the workload's shape in each engine)."""
+    doge, qwen = group["kv_probe"].get("doge"), group["kv_probe"].get("qwen3")
+    if not doge or not qwen:
+        return {}
+    out = {}
+    for key in ("kv_tokens_per_request", "kv_tokens_per_request_prefill_peak"):
+        if doge.get(key) and qwen.get(key):
+            out[key + "_over_qwen3"] = doge[key] / qwen[key]
+    # Requests of this shape that fit one KV budget (bytes), Doge over Qwen3: the inverse ratio of the
+    # cache bytes one request holds while decoding (tokens held x bytes per token, over each KV group).
+    if doge.get("kv_bytes_per_request") and qwen.get("kv_bytes_per_request"):
+        out["requests_per_kv_budget_over_qwen3"] = qwen["kv_bytes_per_request"] / doge["kv_bytes_per_request"]
+    return out
+
+
+def check_targets(preset: Preset, workload: Workload, group: dict, relative_only: bool = False) -> dict:
+    """Each of the preset's targets against this group's ratios: {key: {op, target, value, met}}.
+
+    `relative_only` (--quick: the workload is not the one the numbers were set for): only the targets
+    that scale with the workload ("kv_window")."""
+    out = {}
+    for key, op, target in preset.targets:
+        if relative_only and target != "kv_window":
+            continue
+        if target == "kv_window":  # (W + 2 blocks) / (prompt + generated)
+            probe = group["kv_probe"].get("doge")
+            if not probe:
+                continue
+            target = (preset.doge["keep_window_size"] + 2 * max(probe["block_sizes"])) / (
+                workload.prompt_len + workload.max_tokens
+            )
+        value = group["ratios"].get(key)
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out[key] = {"op": op, "target": target, "value": value, "met": met}
+    return out
 
 
 def paired_ratios(group: dict, metric: str) -> dict:
@@ -430,27 +566,60 @@ def fmt(value, digits=1):
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+KV_COLUMNS = ("kv_tokens_per_request_over_qwen3", "requests_per_kv_budget_over_qwen3")
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def dtype_entries(entry: dict) -> dict:
+    """dtype -> {"modes": ..., "ratios": ...} of one preset (JSON written before --dtypes: all fp32)."""
+    return entry["dtypes"] if "dtypes" in entry else {"float32": entry}
+
+
 def markdown_table(results: dict, modes: list[str]) -> str:
-    groups = [g for n, p in results.items() if not n.startswith("_") for g in p["modes"].values()]
+    entries = {n: dtype_entries(p) for n, p in results.items() if not n.startswith("_")}
+    groups = [g for per in entries.values() for d in per.values() for g in d["modes"].values()]
     present = {s for g in groups for s in g["systems"]}
     systems = [s for s in ["doge", "doge_alt", "qwen3", "fallback", "hf", "dense"] if s in present]
     ratio_keys = [k for k in RATIOS if any(k in g["ratios"] for g in groups)]
-    head = ["preset", "mode", *[f"{LABELS[s]} tok/s" for s in systems], *ratio_keys]
+    kv = any(g.get("kv_probe") for g in groups)
+    kv_systems = [s for s in ("doge", "qwen3") if any(s in g.get("kv_probe", {}) for g in groups)] if kv else []
+    kv_keys = [k for k in KV_COLUMNS if any(k in g["ratios"] for g in groups)]
+    head = ["preset", "dtype", "mode", *[f"{LABELS[s]} tok/s" for s in systems], *ratio_keys,
+            *[f"{s} KV tokens/request" for s in kv_systems], *kv_keys]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, preset in results.items():
+    for name, per in entries.items():
+        for dtype, entry in per.items():
+            for mode in modes:
+                group = entry["modes"].get(mode)
+                if group is None:
+                    continue
+                cells = [name, SHORT_DTYPE.get(dtype, dtype), mode]
+                for s in systems:
+                    record = group["systems"].get(s)
+                    cells.append(fmt(record and record["median_tok_s"]))
+                cells += [fmt(group["ratios"].get(k), 3) for k in ratio_keys]
+                for s in kv_systems:
+                    probe = group.get("kv_probe", {}).get(s)
+                    cells.append(fmt(probe and probe["kv_tokens_per_request"], 0))
+                cells += [fmt(group["ratios"].get(k), 3) for k in kv_keys]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets_report(results: dict) -> list[str]:
+    lines = []
+    for name, entry in results.items():
         if name.startswith("_"):
             continue
-        for mode in modes:
-            group = preset["modes"].get(mode)
-            if group is None:
-                continue
-            cells = [name, mode]
-            for s in systems:
-                record = group["systems"].get(s)
-                cells.append(fmt(record and record["median_tok_s"]))
-            cells += [fmt(group["ratios"].get(k), 3) for k in ratio_keys]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for dtype, per in dtype_entries(entry).items():
+            for mode, group in per["modes"].items():
+                for key, t in group.get("targets", {}).items():
+                    verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+                    lines.append(
+                        f"  {name} {SHORT_DTYPE.get(dtype, dtype)} {mode}: {key} = {fmt(t['value'], 3)} "
+                        f"(target {t['op']} {fmt(t['target'], 3)}): {verdict}"
+                    )
+    return lines
 
 
 def plot(results: dict, modes: list[str], path: Path) -> bool:
@@ -472,13 +641,15 @@ def plot(results: dict, modes: list[str], path: Path) -> bool:
     for ax in axes.flat[len(names) :]:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, names):
-        groups = [m for m in modes if m in results[name]["modes"]]
-        present = [s for s in systems if any(s in results[name]["modes"][m]["systems"] for m in groups)]
+        per = dtype_entries(results[name])
+        # one cluster of bars per (dtype, mode) group
+        groups = [(d, m) for d in per for m in modes if m in per[d]["modes"]]
+        present = [s for s in systems if any(s in per[d]["modes"][m]["systems"] for d, m in groups)]
         width = 0.8 / max(1, len(present))
         for i, system in enumerate(present):
             xs, ys, lo, hi = [], [], [], []
-            for j, mode in enumerate(groups):
-                record = results[name]["modes"][mode]["systems"].get(system)
+            for j, (dtype, mode) in enumerate(groups):
+                record = per[dtype]["modes"][mode]["systems"].get(system)
                 if not record or record["median_tok_s"] is None:
                     continue
                 med = record["median_tok_s"]
@@ -487,7 +658,7 @@ def plot(results: dict, modes: list[str], path: Path) -> bool:
                 lo.append(med - min(record["tok_s"]))
                 hi.append(max(record["tok_s"]) - med)
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=LABELS[system], color=colors[system])
-        ax.set_xticks(range(len(groups)), groups)
+        ax.set_xticks(range(len(groups)), [f"{m}\n{SHORT_DTYPE.get(d, d)}" for d, m in groups], fontsize=8)
         ax.set_title(f"{name}\n{results[name]['workload']['describe']}", fontsize=9)
         ax.set_ylabel("output tokens/s")
         ax.grid(axis="y", alpha=0.3)
@@ -499,7 +670,8 @@ def plot(results: dict, modes: list[str], path: Path) -> bool:
     meta = results["_meta"]
     threads = meta.get("threads_per_system", "?")
     fig.suptitle(
-        f"vllm-doge offline throughput, fp32, {threads} thread(s) per system on a {meta['cpu_count']}-core CPU "
+        f"vllm-doge offline throughput, {'/'.join(SHORT_DTYPE.get(d, d) for d in meta.get('dtypes', ['float32']))}, "
+        f"{threads} thread(s) per system on a {meta['cpu_count']}-core CPU "
         f"({meta['date'][:10]}); bars: median, whiskers: min-max over repetitions",
         fontsize=9,
     )
@@ -522,13 +694,21 @@ def parse_list(text: str, known: list[str], what: str) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: smaller workload, 2 reps, doge-20m")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help=f"smoke run: smaller workloads, 1 round x 2 reps, presets {QUICK_PRESETS}, dtype {QUICK_DTYPES}",
+    )  # fmt: skip
     parser.add_argument("--presets", default=None, help=f"comma-separated, from {list(PRESETS)}")
     parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
+    parser.add_argument(
+        "--dtypes", default=None,
+        help=f"comma-separated, from {DTYPES} (weights and KV cache; checkpoints are fp32 on disk, the engines cast "
+        f"them); default {','.join(DTYPES)}, with --quick {QUICK_DTYPES[0]}",
+    )  # fmt: skip
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per system and round (default 3; 2 quick)")
     parser.add_argument(
         "--rounds", type=int, default=None,
-        help="rounds per (preset, mode), each with freshly started processes (default 2; 1 quick): engine "
+        help="rounds per (preset, mode, dtype), each with freshly started processes (default 2; 1 quick): engine "
         "instances differ by a few %% from one start to the next, repetitions within one do not",
     )  # fmt: skip
     parser.add_argument("--name", default=None, help="results file stem (default latest; quick with --quick)")
@@ -548,6 +728,7 @@ def main(argv=None) -> None:
         results = json.loads((RESULTS / f"{args.report}.json").read_text())
         modes = results["_meta"]["modes"]
         print(markdown_table(results, modes))
+        print("\n".join(targets_report(results)))
         plot(results, modes, RESULTS / f"{args.report}.png")
         return
 
@@ -555,6 +736,7 @@ def main(argv=None) -> None:
         QUICK_PRESETS if args.quick else FULL_PRESETS
     )  # fmt: skip
     modes = parse_list(args.modes, ["eager", "compiled"], "modes")
+    dtypes = parse_list(args.dtypes or ",".join(QUICK_DTYPES if args.quick else DTYPES), DTYPES, "dtypes")
     reps = args.reps if args.reps is not None else (2 if args.quick else 3)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
     workloads = WORKLOADS["quick" if args.quick else "full"]
@@ -578,7 +760,8 @@ def main(argv=None) -> None:
             "cpu_count": os.cpu_count(),
             "load_average_at_start": os.getloadavg(),
             "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
-            "dtype": "float32",
+            "dtypes": dtypes,
+            "checkpoint_dtype": "float32 (vLLM's dtype= / transformers' from_pretrained(dtype=) cast to each dtype)",
             "reps": reps,
             "rounds": rounds,
             "threads_per_system": args.threads or "vLLM/torch default",
@@ -588,11 +771,21 @@ def main(argv=None) -> None:
             "metric": "output tokens / wall seconds of one LLM.generate (or model.generate) call, prefill included",
             "ratios": "median over all repetitions (of all rounds) of tok/s(first) / tok/s(second) measured in the same "
             "repetition; "
-            "`ratios` of a preset = compiled mode if measured, else eager; `ratios_by_mode` has both",
+            "`ratios` of a preset = {dtype: ratios of compiled mode if measured, else eager}; each dtype's "
+            "`ratios_by_mode` has both",
+            "kv_probe": "per vLLM system and group: ONE request of the workload's shape driven through the engine "
+            "step by step; after each step the non-null KV blocks it holds x block size, summed over KV cache "
+            "groups (kv_tokens_per_request: peak while decoding; ..._prefill_peak: peak over prefill steps; "
+            "kv_bytes_per_request: the same in bytes). kv_tokens_per_request_over_qwen3 and "
+            "requests_per_kv_budget_over_qwen3 (= Qwen3's KV bytes per request / Doge's) are in each group's ratios",
             "logs": str(log_dir),
         }
     }
-    print(f"# vllm-doge throughput: presets {presets}, modes {modes}, {rounds} round(s) x {reps} reps, logs in {log_dir}", flush=True)
+    print(
+        f"# vllm-doge throughput: presets {presets}, modes {modes}, dtypes {dtypes}, {rounds} round(s) x {reps} reps, "
+        f"logs in {log_dir}",
+        flush=True,
+    )
     started = time.monotonic()
     for index, name in enumerate(presets):
         preset = PRESETS[name]
@@ -605,52 +798,66 @@ def main(argv=None) -> None:
             "config": config_summary(ckpts.doge),
             "checkpoints": {k: str(v) for k, v in ckpts.__dict__.items() if v is not None},
             "kv_cache_gib": kv_space_gib(preset, workload),
-            "modes": {},
+            "max_model_len": max_model_len(preset, workload) or "the model's max_position_embeddings",
+            "prefix_caching": preset.prefix_caching,
+            "dtypes": {},
         }
-        for mode in modes:
-            systems = [s for s in preset.systems if not only or s in only]
-            if args.doge_alt:
-                systems.insert(1, "doge_alt")
-            alt = args.doge_alt and str(Path(args.doge_alt).resolve())
-            parts = [
-                run_round(
-                    name, preset, mode, workload, ckpts, reps, 1000 * (index + 1) + 100 * rnd, log_dir, timeouts,
-                    args.threads, systems, alt, rnd,
-                )
-                for rnd in range(rounds)
-            ]  # fmt: skip
-            entry["modes"][mode] = merge_rounds(parts)
-        ratio_mode = "compiled" if "compiled" in entry["modes"] else modes[0]
-        ratios = {k: v for k, v in entry["modes"][ratio_mode]["ratios"].items() if not k.endswith("_per_rep")}
-        kv, kv_detail = kv_ratio(entry["modes"])
-        if kv is None:  # from the layer attributes: padded head size P vs head_dim
-            group = entry["modes"][ratio_mode]["systems"].get("doge", {})
-            padded = group.get("info", {}).get("padded_head_size")
-            head_dim = entry["config"]["hidden_size"] // entry["config"]["num_attention_heads"]
-            if padded:
-                kv, kv_detail = padded[0] / head_dim, {"source": "DogeAttention.padded_head_size / head_dim"}
-        if kv is not None:
-            ratios["kv_bytes_per_token_over_qwen3"] = kv
-        entry["ratios"] = ratios
-        entry["ratios_cpu_time"] = {
-            k: v for k, v in entry["modes"][ratio_mode]["ratios_cpu_time"].items() if not k.endswith("_per_rep")
-        }
-        entry["ratios_mode"] = ratio_mode
-        entry["ratios_by_mode"] = {m: g["ratios"] for m, g in entry["modes"].items()}
-        entry["ratios_cpu_time_by_mode"] = {m: g["ratios_cpu_time"] for m, g in entry["modes"].items()}
-        entry["kv"] = kv_detail
-        results[name] = entry
-        # Written after every preset, so a long run leaves partial results if interrupted.
-        results["_meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
-        results["_meta"]["load_average_at_end"] = os.getloadavg()
-        (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+        systems = [s for s in preset.systems if not only or s in only]
+        if args.doge_alt:
+            systems.insert(1, "doge_alt")
+        alt = args.doge_alt and str(Path(args.doge_alt).resolve())
+        for dtype_index, dtype in enumerate(dtypes):
+            per = {"modes": {}}
+            for mode in modes:
+                parts = [
+                    run_round(
+                        name, preset, mode, dtype, workload, ckpts, reps,
+                        1000 * (index + 1) + 100 * rnd + 10 * dtype_index, log_dir, timeouts, args.threads, systems,
+                        alt, rnd, kv_probe=rnd == 0,
+                    )
+                    for rnd in range(rounds)
+                ]  # fmt: skip
+                group = merge_rounds(parts)
+                group["targets"] = check_targets(preset, workload, group, relative_only=args.quick)
+                per["modes"][mode] = group
+            ratio_mode = "compiled" if "compiled" in per["modes"] else modes[0]
+            ratios = {k: v for k, v in per["modes"][ratio_mode]["ratios"].items() if not k.endswith("_per_rep")}
+            kv, kv_detail = kv_ratio(per["modes"])
+            if kv is None:  # from the layer attributes: padded head size P vs head_dim
+                group = per["modes"][ratio_mode]["systems"].get("doge", {})
+                padded = group.get("info", {}).get("padded_head_size")
+                head_dim = entry["config"]["hidden_size"] // entry["config"]["num_attention_heads"]
+                if padded:
+                    kv, kv_detail = padded[0] / head_dim, {"source": "DogeAttention.padded_head_size / head_dim"}
+            if kv is not None:
+                ratios["kv_bytes_per_token_over_qwen3"] = kv
+            per["ratios"] = ratios
+            per["ratios_cpu_time"] = {
+                k: v for k, v in per["modes"][ratio_mode]["ratios_cpu_time"].items() if not k.endswith("_per_rep")
+            }
+            per["ratios_mode"] = ratio_mode
+            per["ratios_by_mode"] = {m: g["ratios"] for m, g in per["modes"].items()}
+            per["ratios_cpu_time_by_mode"] = {m: g["ratios_cpu_time"] for m, g in per["modes"].items()}
+            per["kv"] = kv_detail
+            entry["dtypes"][dtype] = per
+            entry["ratios"] = {d: p["ratios"] for d, p in entry["dtypes"].items()}
+            results[name] = entry
+            # Written after every group, so a long run leaves partial results if interrupted.
+            results["_meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+            results["_meta"]["load_average_at_end"] = os.getloadavg()
+            (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
 
     table = markdown_table(results, modes)
     print("\n## Output tokens/s (median) and paired ratios\n")
     print(table)
-    print("\nratios (per preset):")
+    print("\nratios (per preset and dtype):")
     for name in presets:
-        print(f"  {name} [{results[name]['ratios_mode']}]: " + json.dumps({k: round(v, 4) for k, v in results[name]["ratios"].items()}))
+        for dtype, per in results[name]["dtypes"].items():
+            print(f"  {name} {dtype} [{per['ratios_mode']}]: " + json.dumps({k: round(v, 4) for k, v in per["ratios"].items()}))
+    targets = targets_report(results)
+    if targets:
+        print("\ntargets:")
+        print("\n".join(targets))
     (RESULTS / f"{stem}.md").write_text(table + "\n")
     if plot(results, modes, RESULTS / f"{stem}.png"):
         print(f"chart: {RESULTS / f'{stem}.png'}")
