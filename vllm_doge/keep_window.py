@@ -72,9 +72,11 @@ def encode_positions(positions: torch.Tensor, digits: int, dtype: torch.dtype) -
 
 
 def decode_positions(digits: torch.Tensor) -> torch.Tensor:
-    """[..., digits] (any float dtype) -> [...] int64."""
-    scale = POSITION_BASE ** torch.arange(digits.shape[-1], device=digits.device)
-    return (digits.float().round().long() * scale).sum(-1)
+    """[..., digits] (any float dtype, integer values) -> [...] int64."""
+    positions = digits[..., -1].long()
+    for i in range(digits.shape[-1] - 2, -1, -1):
+        positions = positions * POSITION_BASE + digits[..., i].long()
+    return positions
 
 
 def key_order(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -82,10 +84,10 @@ def key_order(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
     Equal biases are real (in layer 0 a repeated token has exactly its earlier copy's bias; bf16
     rounding makes more), so the kept set is decided by (bias, -position), the same whatever way a
-    sequence is batched or chunked. ``bias`` [...] (any float dtype), ``positions`` broadcastable to it.
+    sequence is batched or chunked. ``bias`` [...] (any float dtype; a live key's bias is an exp(), >= 0,
+    so its fp32 bits order like its value), ``positions`` broadcastable to it.
     """
-    bits = bias.float().contiguous().view(torch.int32).to(torch.int64)
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
+    bits = bias.float().contiguous().view(torch.int32).long()
     return (bits << 32) | (0x7FFFFFFF - positions)
 
 
@@ -146,9 +148,9 @@ def relocate_decode(slots: PagedSlots, plan: DecodePlan, key, value, head_dim: i
     meta = slots.read(plan.meta)  # [R, W, kvh, 1+D]
     old = key_order(meta[..., 0], decode_positions(meta[..., 1:]))  # [R, W, kvh]
     new = key_order(key[plan.rows, :, head_dim], plan.p[:, None])  # [R, kvh]
-    leaving = torch.cat([old, new[:, None]], 1).argmin(1)  # [R, kvh]; W = the new key
-    new_leaves = (leaving == W)[..., None]
-    dst = leaving.masked_fill(new_leaves[..., 0], 0)
+    lowest, dst = old.min(1)  # [R, kvh]
+    new_leaves = (new < lowest)[..., None]
+    dst.masked_fill_(new_leaves[..., 0], 0)  # the new key leaves: slot p-W's row takes its place
 
     first_k, first_v = slots.read(plan.first_k), slots.read(plan.first_v)  # slot p-W: [R, kvh, P]
     base = plan.bases.gather(1, dst)[..., None] + slots.head_offsets[:, None]  # [R, kvh, 1]
