@@ -91,6 +91,11 @@ def key_order(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return (bits << 32) | (0x7FFFFFFF - positions)
 
 
+def stored_order(channels: torch.Tensor) -> torch.Tensor:
+    """key_order of cached keys from their channels d … d+D ([..., 1+D]: the bias, then position digits)."""
+    return key_order(channels[..., 0], decode_positions(channels[..., 1:]))
+
+
 def dead_bias(dtype: torch.dtype) -> float:
     """The bias of a dead slot: finite even after the fold's ×1/scale (up to head size 4096), so the
     zero channels of other heads give 0·bias = 0, not NaN; its score's exp() is exactly 0."""
@@ -145,8 +150,7 @@ def relocate_decode(slots: PagedSlots, plan: DecodePlan, key, value, head_dim: i
     leaving key's slot (onto itself when the leaving key is p-W's or the new one; the new one is then
     replaced by it), then slot p-W is marked dead.
     """
-    meta = slots.read(plan.meta)  # [R, W, kvh, 1+D]
-    old = key_order(meta[..., 0], decode_positions(meta[..., 1:]))  # [R, W, kvh]
+    old = stored_order(slots.read(plan.meta))  # [R, W, kvh]
     new = key_order(key[plan.rows, :, head_dim], plan.p[:, None])  # [R, kvh]
     lowest, dst = old.min(1)  # [R, kvh]
     new_leaves = (new < lowest)[..., None]
@@ -220,7 +224,7 @@ def prefill_chunk(slots: PagedSlots, block_row, p0: int, rows: slice, query, key
     blocks, tokens = block_row[old // bs], old % bs
     k_old = slots.keys(blocks, tokens).transpose(0, 1)  # [kvh, m, P]
     v_old = slots.values(blocks, tokens).transpose(0, 1)
-    order_old = key_order(k_old[..., head_dim], decode_positions(k_old[..., head_dim + 1 : head_dim + 1 + digits]))
+    order_old = stored_order(k_old[..., head_dim : head_dim + 1 + digits])
     k_new, v_new = key[rows].transpose(0, 1), value[rows].transpose(0, 1)  # [kvh, c, P]
     positions = torch.arange(p0, p1 + 1)
     new = (k_new, v_new, key_order(k_new[..., head_dim], positions), positions.expand(kvh, -1))
