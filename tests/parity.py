@@ -94,6 +94,15 @@ def check_logprobs_close(reference: list[Sample], actual: list[Sample], name: st
     return diverged
 
 
+def error_chain(error: BaseException) -> list[str]:
+    """`type: message` of an exception and of everything it was raised from (the engine wraps errors)."""
+    chain = []
+    while error is not None:
+        chain.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 @contextmanager
 def engine(path: str, **kwargs):
     """A vLLM engine for a tiny fp32 model, shut down on exit so the next one can start."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from parity import engine
+from parity import engine, error_chain
 
 
 def broken_copy(src, dst, *, config=None, tensors=None):
@@ -81,8 +81,5 @@ def test_refused_with_clear_error(checkpoints, tmp_path, case):
     with pytest.raises(Exception) as failure:
         with engine(path, skip_tokenizer_init=True):
             pass
-    chain, error = [], failure.value
-    while error is not None:  # the engine may wrap the model's error
-        chain.append(str(error))
-        error = error.__cause__ or error.__context__
+    chain = error_chain(failure.value)  # the engine may wrap the model's error
     assert any(__import__("re").search(message, text) for text in chain), chain

@@ -30,22 +30,13 @@ import openai
 import psutil
 import pytest
 
-from parity import engine, reference_greedy
+from parity import engine, error_chain, reference_greedy
 from serving import READY_TIMEOUT_S, choice_tokens, launch, server_log, wait_ready
 from test_load_errors import broken_copy
 from test_vllm_parity import make_prompts
 from vllm_doge.serve_demo import ServerError, VllmServer
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def error_chain(error: BaseException) -> list[str]:
-    """`type: message` of an exception and of everything it was raised from (the engine wraps errors)."""
-    chain = []
-    while error is not None:
-        chain.append(f"{type(error).__name__}: {error}")
-        error = error.__cause__ or error.__context__
-    return chain
 
 
 def refusal(path: str) -> list[str]:

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from parity import check_greedy_parity, check_logprobs_close, engine, reference_greedy, vllm_greedy
+from parity import check_greedy_parity, check_logprobs_close, engine, error_chain, reference_greedy, vllm_greedy
 
 MAX_TOKENS = 32
 CONFIGS = ["dense-gqa", "dense-mha-tied", "sliding", "keep-window", "moe", "moe-keep-window"]
@@ -129,26 +129,20 @@ def test_keep_window_holds_a_window_of_blocks(long_reference):
 
 def test_keep_window_refusals(checkpoints):
     """Settings that cannot be exact with relocated keys are refused at engine start, by name."""
-    from vllm import LLM
-
-    with pytest.raises(Exception) as info:
-        LLM(model=checkpoints("keep-window", sliding_window=24), dtype="float32", max_model_len=128, gpu_memory_utilization=0.3)
-    assert "sliding_window 24" in "".join(str(e) for e in _chain(info.value))
-    with pytest.raises(Exception) as info:
-        LLM(
-            model=checkpoints("keep-window"), dtype="float32", max_model_len=128, gpu_memory_utilization=0.3,
-            speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3},
-        )  # fmt: skip
-    assert "speculative decoding is not supported" in "".join(str(e) for e in _chain(info.value))
-    with pytest.raises(Exception) as info:
-        LLM(model=checkpoints("keep-window"), max_model_len=128, gpu_memory_utilization=0.3, kv_cache_dtype="fp8")
-    assert "quantized KV cache (fp8)" in "".join(str(e) for e in _chain(info.value))
-
-
-def _chain(error: BaseException):
-    while error is not None:
-        yield error
-        error = error.__cause__ or error.__context__
+    cases = [
+        (checkpoints("keep-window", sliding_window=24), {}, "sliding_window 24"),
+        (
+            checkpoints("keep-window"),
+            dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
+            "speculative decoding is not supported",
+        ),
+        (checkpoints("keep-window"), dict(kv_cache_dtype="fp8"), "quantized KV cache (fp8)"),
+    ]
+    for path, options, message in cases:
+        with pytest.raises(Exception) as info:
+            with engine(path, max_model_len=128, **options):
+                pass
+        assert any(message in text for text in error_chain(info.value)), (message, error_chain(info.value))
 
 
 def test_resolves_native_class(checkpoints):
