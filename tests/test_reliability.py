@@ -306,10 +306,14 @@ def wave(served, prompts) -> list[tuple[list[int], str | None]]:
     """All prompts streamed at once from their own threads; disconnecting clients close after
     HANG_UP_AFTER chunks. Returns each stream's (token ids received, finish_reason or None)."""
     barrier = threading.Barrier(len(prompts), timeout=60)
+    # A client of its own, so no stream starts on a pooled connection left idle since the previous requests:
+    # the server closes idle connections after a few seconds, and a request sent on one just as it closes
+    # fails with "Server disconnected" (seen once with both cores busy).
+    api = openai.OpenAI(base_url=served["server"].base_url, api_key="EMPTY", timeout=120, max_retries=0)
 
     def client(index):
         barrier.wait()
-        stream = served["client"].completions.create(
+        stream = api.completions.create(
             model=served["model"], prompt=prompts[index], stream=True, temperature=0.0,
             max_tokens=HANG_UP_MAX_TOKENS if disconnects(index) else MAX_TOKENS, extra_body=GREEDY_BODY,
         )
@@ -326,7 +330,7 @@ def wave(served, prompts) -> list[tuple[list[int], str | None]]:
             stream.close()  # for a disconnecting client: hang up mid-stream
         return tokens, finish
 
-    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+    with api, ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         futures = [pool.submit(client, i) for i in range(len(prompts))]
         deadline = time.monotonic() + WAVE_TIMEOUT_S
         return [f.result(timeout=max(1.0, deadline - time.monotonic())) for f in futures]
