@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m vllm_doge.serve_demo
+	$(PY) -m tools.serve_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -v -rs
@@ -34,7 +34,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) benchmarks/throughput.py $(ARGS)
+	$(PY) -m benchmarks.throughput $(ARGS)
 
 clean:
 	rm -rf $(VENV)

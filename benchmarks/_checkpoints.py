@@ -1,6 +1,6 @@
 """Benchmark checkpoints: Doge models with random non-trivial weights and same-shape Qwen3 models.
 
-Doge: `doge_hf.builder` (make_config → model → `reinitialize`, which draws A, dt_proj, the residual
+Doge: `tools.build_checkpoint` (make_config → model → `reinitialize`, which draws A, dt_proj, the residual
 scales and every other parameter again with scales that make each feature matter → `write_checkpoint`).
 `build_checkpoint` itself is not used because it insists that the tokenizer has exactly `vocab_size`
 tokens, and the stand-in tokenizer trained on the standard library stops at ~26k merges for 32768;
@@ -35,7 +35,7 @@ TOKENIZER_VOCAB = 32768
 
 
 def cache_dir() -> pathlib.Path:
-    from doge_hf.tokenizer import cache_root
+    from tools.tokenizer import cache_root
 
     return cache_root() / "bench"
 
@@ -62,13 +62,13 @@ def _build_atomically(target: pathlib.Path, write) -> pathlib.Path:
 
 
 def doge_checkpoint(name: str, fields: dict, seed: int = 0) -> pathlib.Path:
-    """A Doge checkpoint with the given config fields, re-initialised with `doge_hf.builder.reinitialize`."""
+    """A Doge checkpoint with the given config fields, re-initialised with `tools.build_checkpoint.reinitialize`."""
 
     def write(out: pathlib.Path) -> None:
         import torch
 
-        from doge_hf.builder import make_config, model_class, reinitialize, write_checkpoint
-        from doge_hf.tokenizer import get_tokenizer
+        from tools.build_checkpoint import make_config, model_class, reinitialize, write_checkpoint
+        from tools.tokenizer import get_tokenizer
 
         config = make_config("dense-gqa", **fields)
         tokenizer = get_tokenizer(TOKENIZER_VOCAB)
@@ -114,10 +114,10 @@ def qwen3_checkpoint(name: str, doge_dir: pathlib.Path, seed: int = 0) -> pathli
         import torch
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
-        from doge_hf.builder import generation_config
-        from doge_hf.tokenizer import get_tokenizer, save_tokenizer
+        from tools.build_checkpoint import generation_config
+        from tools.tokenizer import get_tokenizer, save_tokenizer
 
-        from doge_hf.builder import reinitialize
+        from tools.build_checkpoint import reinitialize
 
         torch.manual_seed(seed)
         config = Qwen3Config(**fields)

@@ -1,8 +1,8 @@
-"""One benchmark system in its own process, driven by `benchmarks/throughput.py` (or `profile_models.py`).
+"""One benchmark system in its own process, driven by `python -m benchmarks.throughput` (or `benchmarks.profile_models`).
 
-    python benchmarks/_worker.py --system vllm --model DIR --mode eager|compiled [--impl auto|transformers]
+    python -m benchmarks._worker --system vllm --model DIR --mode eager|compiled [--impl auto|transformers]
         [--dtype float32|bfloat16] [--max-model-len N] [--no-prefix-caching]
-    python benchmarks/_worker.py --system hf --model DIR [--dtype float32|bfloat16]
+    python -m benchmarks._worker --system hf --model DIR [--dtype float32|bfloat16]
 
 Checkpoints are fp32 on disk; `--dtype` is the dtype the engine (vLLM's `dtype=`, transformers'
 `from_pretrained(dtype=...)`) casts them to, and so also the KV cache's dtype.
@@ -39,9 +39,10 @@ import time
 import traceback
 from pathlib import Path
 
-# Never let this module's directory shadow a library: benchmarks/ is sys.path[0] when run as a script.
-_HERE = str(Path(__file__).resolve().parent)
-if sys.path and sys.path[0] == _HERE:
+# `python -m benchmarks._worker` puts the repository first on sys.path; drop it so that vllm_doge comes
+# from PYTHONPATH (an A/B copy) or the installed package, like for a user.
+_REPO = str(Path(__file__).resolve().parents[1])
+if sys.path and sys.path[0] in ("", _REPO, os.getcwd()):
     sys.path.pop(0)
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -10,24 +10,20 @@ and times `route` (per-token product-key routing) on its own. Prints a markdown 
 on a GPU also the achieved bandwidth (bytes of the gathered rows + h + out) and its ratio to the card's
 copy bandwidth measured with a large `Tensor.copy_` (read + write bytes).
 
-    python benchmarks/kernels.py                        # CPU: small iteration counts
-    python benchmarks/kernels.py --dtype bfloat16 --compile
+    python -m benchmarks.kernels                        # CPU: small iteration counts
+    python -m benchmarks.kernels --dtype bfloat16 --compile
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vllm_doge.cdmoe import route, routed_experts_torch  # noqa: E402
+from vllm_doge.cdmoe import route, routed_experts_torch
 
 
 def gather_bmm(h, w, ids, down, up):
@@ -43,7 +39,7 @@ def bmm_embedding_bag(h, w, ids, down, up):
 
 
 def torch_path(h, w, ids, down, up):
-    return routed_experts_torch(h, w, ids, down, up, "silu")
+    return routed_experts_torch(h, w, ids, down, up)
 
 
 def _sync(device: torch.device) -> None:

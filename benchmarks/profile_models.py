@@ -1,11 +1,11 @@
 """Where the time goes: torch.profiler on vllm_doge and the same-shape Qwen3, eager and compiled.
 
-    python benchmarks/profile_models.py                                 # doge-20m, both modes
-    python benchmarks/profile_models.py --preset doge-60m --modes eager --systems doge,qwen3
-    python benchmarks/profile_models.py --doge-path /tmp/proto          # a modified copy of vllm_doge
-    python benchmarks/profile_models.py --preset doge-20m-long-decode --dtype bfloat16 --modes compiled
+    python -m benchmarks.profile_models                                 # doge-20m, both modes
+    python -m benchmarks.profile_models --preset doge-60m --modes eager --systems doge,qwen3
+    python -m benchmarks.profile_models --doge-path /tmp/proto          # a modified copy of vllm_doge
+    python -m benchmarks.profile_models --preset doge-20m-long-decode --dtype bfloat16 --modes compiled
 
-Each system runs in its own process (benchmarks/_worker.py), one thread by default, does one warm-up
+Each system runs in its own process (benchmarks._worker), one thread by default, does one warm-up
 run and then the workload once under torch.profiler. Self CPU time per operator is grouped into
 categories (GEMMs, attention kernel, norms, RoPE, elementwise, sampling, compiled kernels, ...); the
 time the profiler attributes to no operator (scheduler, input preparation, Python glue) is the
@@ -25,13 +25,9 @@ import argparse
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from benchmarks.throughput import (  # noqa: E402
+from benchmarks.throughput import (
     PRESETS,
     WORKLOADS,
     Workload,
@@ -42,7 +38,7 @@ from benchmarks.throughput import (  # noqa: E402
     worker_env,
 )
 
-OUT = HERE / "results" / "profile"
+OUT = Path(__file__).resolve().parent / "results" / "profile"
 
 # (category, regex on the operator name), first match wins. Names are those of vLLM 0.32's CPU build
 # and torch 2.13 (aten::, _C::, vllm::, inductor's cpp_fused_*).

@@ -1,12 +1,12 @@
 """Offline generation throughput of vllm_doge against the engine's limit and the alternatives.
 
-    python benchmarks/throughput.py                      # every preset, eager and compiled, bf16 and fp32, 2 rounds x 3 reps
-    python benchmarks/throughput.py --quick              # smoke run: doge-20m 16 x (64 -> 64) and doge-20m-long-decode
+    python -m benchmarks.throughput                      # every preset, eager and compiled, bf16 and fp32, 2 rounds x 3 reps
+    python -m benchmarks.throughput --quick              # smoke run: doge-20m 16 x (64 -> 64) and doge-20m-long-decode
                                                          # 4 x (768 -> 128), bf16 only, 1 round x 2 reps
-    python benchmarks/throughput.py --presets doge-20m,doge-20m-moe --modes eager --dtypes float32 --reps 3
-    python benchmarks/throughput.py --presets doge-20m-long-decode,doge-20m-long-prefill --modes compiled
-    python benchmarks/throughput.py --presets doge-20m --systems doge,qwen3 --doge-alt /tmp/copy  # A/B a change
-    python benchmarks/throughput.py --report latest      # re-print the table and redraw the chart from JSON
+    python -m benchmarks.throughput --presets doge-20m,doge-20m-moe --modes eager --dtypes float32 --reps 3
+    python -m benchmarks.throughput --presets doge-20m-long-decode,doge-20m-long-prefill --modes compiled
+    python -m benchmarks.throughput --presets doge-20m --systems doge,qwen3 --doge-alt /tmp/copy  # A/B a change
+    python -m benchmarks.throughput --report latest      # re-print the table and redraw the chart from JSON
 
 For each shape preset, on one workload (N requests of L random prompt token ids, M generated tokens,
 greedy, EOS ignored), in each dtype of `--dtypes` (bfloat16 and float32 by default: weights and KV
@@ -46,7 +46,7 @@ for Doge includes the padded head; target >= 4). A preset's `targets` are checke
 
 vLLM systems run in `enforce_eager=True` ("eager") and the default torch.compile mode ("compiled");
 `hf` does not depend on the mode and is timed in both groups (its two medians are a noise check).
-Every system runs in its own process (benchmarks/_worker.py); all processes of a (preset, mode, dtype)
+Every system runs in its own process (benchmarks._worker); all processes of a (preset, mode, dtype)
 group start first (untimed), each does one untimed warm-up run, then the timed repetitions alternate between
 them. Each repetition draws fresh prompts (the same for every system in that repetition), so vLLM's
 prefix cache never hits across repetitions. A group runs in `--rounds` rounds, each with freshly
@@ -82,14 +82,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks._checkpoints import cache_dir, config_summary, doge_checkpoint, qwen3_checkpoint
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks._checkpoints import cache_dir, config_summary, doge_checkpoint, qwen3_checkpoint  # noqa: E402
-
 RESULTS = HERE / "results"
-WORKER = HERE / "_worker.py"
+WORKER = "benchmarks._worker"  # run as a module from the repository root
 
 # --------------------------------------------------------------------------------------------------
 # Presets and workloads
@@ -235,7 +233,7 @@ def max_model_len(preset: Preset, workload: Workload) -> int | None:
 
 def worker_argv(system: str, mode: str, ckpts: Checkpoints, preset: Preset, dtype: str = "float32",
                 workload: Workload | None = None) -> list[str]:  # fmt: skip
-    base = [sys.executable, str(WORKER), "--dtype", dtype]
+    base = [sys.executable, "-m", WORKER, "--dtype", dtype]
     if system == "hf":
         return base + ["--system", "hf", "--model", str(ckpts.doge)]
     model = {"doge": ckpts.doge, "doge_alt": ckpts.doge, "fallback": ckpts.doge, "qwen3": ckpts.qwen3,

@@ -1,9 +1,12 @@
 """doge_hf: the reference Doge implementation (HF transformers, no vLLM), written from the equations.
 
-It is the oracle of the tests, and it builds the tiny checkpoints they run on.
+It is the oracle of the tests. `DogeForCausalLM` is transformers' Doge format; `legacy.LegacyDogeForCausalLM`
+the legacy SmallDoge format. Both read their configuration through doge_format.
 """
 
-from .configuration import DogeConfig, DogeConfigError, validate_doge_config
+from doge_format import DogeConfigError
+
+from .configuration import DogeConfig, LegacyDogeConfig, spec_of
 from .modeling import DogeForCausalLM, DogeForSequenceClassification, DogeModel, DogePreTrainedModel
 
 __all__ = [
@@ -13,5 +16,6 @@ __all__ = [
     "DogeForSequenceClassification",
     "DogeModel",
     "DogePreTrainedModel",
-    "validate_doge_config",
+    "LegacyDogeConfig",
+    "spec_of",
 ]

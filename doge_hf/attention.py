@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import head_dim_of
+from .configuration import spec_of
 from .layers import RMSNorm, apply_rotary
 
 
@@ -64,22 +64,23 @@ def dynamic_mask(bias: torch.Tensor, visible: torch.Tensor, keep_window_size: in
 class DogeAttention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
+        spec = spec_of(config)
         self.layer_idx = layer_idx
-        self.head_dim = head_dim_of(config)
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.keep_window_size = config.keep_window_size
-        self.sliding_window = getattr(config, "sliding_window", None)
-        bias = config.attention_bias
-        d, hidden = self.head_dim, config.hidden_size
+        self.head_dim = spec.head_dim
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.keep_window_size = spec.keep_window
+        self.sliding_window = spec.sliding_window
+        bias = spec.attention_bias
+        d, hidden = self.head_dim, spec.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=bias)
         self.A = nn.Parameter(torch.zeros(self.num_kv_heads))
         self.dt_proj = nn.Linear(self.num_kv_heads * d, self.num_kv_heads, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=bias)
-        self.q_norm = RMSNorm(d, config.rms_norm_eps)
-        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_norm = RMSNorm(d, spec.rms_norm_eps)
+        self.k_norm = RMSNorm(d, spec.rms_norm_eps)
 
     def forward(self, hidden_states, cos_sin, past_len: int, attention_mask=None, past_key_values=None):
         """hidden_states [b, q, hidden] follow `past_len` cached tokens; attention_mask [b, past_len + q]

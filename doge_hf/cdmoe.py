@@ -12,25 +12,24 @@ with logits of other tokens (even other batch rows). With one token per forward 
 how the tests check this implementation against transformers.
 """
 
-import math
-
 import einx
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from doge_format import DogeSpec
+
 
 class DogeMLP(nn.Module):
     """SwiGLU: down(act(gate·h) ⊙ up·h)."""
 
-    def __init__(self, config, bias: bool | None = None):
+    def __init__(self, spec: DogeSpec):
         super().__init__()
-        hidden, inter = config.hidden_size, config.intermediate_size
-        bias = config.mlp_bias if bias is None else bias
+        hidden, inter, bias = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn = ACT2FN[spec.hidden_act]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h))
@@ -39,15 +38,16 @@ class DogeMLP(nn.Module):
 class DogeCDMoE(DogeMLP):
     """The shared SwiGLU (inherited) plus routed product-key experts."""
 
-    def __init__(self, config, bias: bool | None = None):
-        super().__init__(config, bias)
-        self.num_keys = math.isqrt(config.num_experts)
-        self.top_k = config.num_experts_per_tok
-        self.norm_topk_prob = config.norm_topk_prob
+    def __init__(self, spec: DogeSpec):
+        super().__init__(spec)
+        experts = spec.experts
+        self.num_keys = experts.keys
+        self.top_k = experts.top_k
+        self.norm_topk_prob = experts.norm_topk_prob
         # Some legacy SmallDoge checkpoints have a router bias; transformers' format has none.
-        self.router_gate = nn.Linear(config.hidden_size, 2 * self.num_keys, bias=getattr(config, "router_bias", False))
-        self.down_embed = nn.Embedding(config.num_experts, config.hidden_size)
-        self.up_embed = nn.Embedding(config.num_experts, config.hidden_size)
+        self.router_gate = nn.Linear(spec.hidden_size, 2 * self.num_keys, bias=experts.router_bias)
+        self.down_embed = nn.Embedding(experts.count, spec.hidden_size)
+        self.up_embed = nn.Embedding(experts.count, spec.hidden_size)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [..., hidden] -> routing weights and expert ids, both [..., top_k]."""

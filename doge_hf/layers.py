@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-from .configuration import head_dim_of
+from .configuration import spec_of
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +38,7 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def compute_default_rope_parameters(config, device=None) -> tuple[torch.Tensor, float]:
-        d = head_dim_of(config)
+        d = spec_of(config).head_dim
         theta = config.rope_parameters["rope_theta"]
         return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d), 1.0
 

@@ -19,18 +19,19 @@ from transformers.modeling_outputs import (
 
 from .attention import DogeAttention
 from .cdmoe import DogeCDMoE, DogeMLP
-from .configuration import DogeConfig
+from .configuration import DogeConfig, spec_of
 from .layers import RMSNorm, RotaryEmbedding
 
 
 class DogeDecoderLayer(nn.Module):
     def __init__(self, config: DogeConfig, layer_idx: int):
         super().__init__()
+        spec = spec_of(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = DogeAttention(config, layer_idx)
         self.input_residual = nn.Parameter(torch.ones(config.hidden_size))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = DogeCDMoE(config) if config.is_moe else DogeMLP(config)
+        self.mlp = DogeCDMoE(spec) if spec.experts else DogeMLP(spec)
         self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
 
     def forward(self, x, cos_sin, past_len, attention_mask, past_key_values):

@@ -3,13 +3,16 @@
     python examples/classify.py [CHECKPOINT] [TEXT ...]
 
 Without CHECKPOINT, a tiny randomly initialised 3-label classifier is built first with the project's
-builder (`doge_hf.builder`, preset "classifier"), so the labels mean nothing: the point is the path
-through vLLM. vLLM's pooling runner wraps the plugin's DogeForCausalLM in its sequence-classification
+builder (`python -m tools.build_checkpoint OUT --preset classifier`), so the labels mean nothing: the
+point is the path through vLLM. vLLM's pooling runner wraps the plugin's DogeForCausalLM in its sequence-classification
 adapter: the last token's hidden state goes through the checkpoint's `score` head, then a softmax.
 """
 
 import argparse
 import os
+import pathlib
+import subprocess
+import sys
 import tempfile
 
 TEXTS = ["def add(a, b):\n    return a + b", "import os\nimport sys", "while True:\n    pass", "# TODO: fix this"]
@@ -26,9 +29,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="doge-classifier-") as scratch:
         path = args.checkpoint
         if path is None:
-            from doge_hf.builder import build_checkpoint
-
-            path = str(build_checkpoint(os.path.join(scratch, "classifier"), preset="classifier", seed=0))
+            path = os.path.join(scratch, "classifier")
+            repo = pathlib.Path(__file__).resolve().parents[1]
+            build = [sys.executable, "-m", "tools.build_checkpoint", path, "--preset", "classifier"]
+            subprocess.run(build, cwd=repo, check=True, stdout=subprocess.DEVNULL)
             print(f"built a tiny DogeForSequenceClassification checkpoint (3 labels) in {path}")
 
         from vllm import LLM

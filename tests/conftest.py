@@ -1,5 +1,6 @@
 """Shared test setup: fast in-process vLLM engines, tiny checkpoints built once per session."""
 
+import json
 import os
 
 # Engines start in seconds in-process with a 1 GiB KV cache; tests that need the default
@@ -14,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """checkpoints(preset, **overrides) -> path of a tiny Doge checkpoint, built once per session."""
-    from doge_hf.builder import build_checkpoint
+    from tools.build_checkpoint import build_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     built = {}
@@ -24,6 +25,23 @@ def checkpoints(tmp_path_factory):
         if key not in built:
             name = "-".join([preset, str(seed), *(f"{k}={v}" for k, v in sorted(overrides.items()))])
             built[key] = str(build_checkpoint(root / name, preset=preset, seed=seed, **overrides))
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def legacy(tmp_path_factory):
+    """legacy(preset, seed=0, **options) -> directory of a tiny legacy-format checkpoint, built once per session."""
+    from tools.build_checkpoint import build_legacy_checkpoint
+
+    root = tmp_path_factory.mktemp("legacy")
+    built = {}
+
+    def get(preset: str, seed: int = 0, **options):
+        key = (preset, seed, json.dumps(options, sort_keys=True))
+        if key not in built:
+            built[key] = build_legacy_checkpoint(root / f"{preset}-{seed}-{len(built)}", preset, seed, **options)
         return built[key]
 
     return get

@@ -14,10 +14,11 @@ def reference_greedy(
 ) -> list[Sample]:
     """doge_hf greedy decoding (with its KV cache), one prompt at a time, with per-step top logprobs.
     Legacy-format checkpoints run on doge_hf's legacy reference."""
+    from doge_format import read_checkpoint
     from doge_hf import DogeForCausalLM
-    from doge_hf.legacy import LegacyDogeForCausalLM, is_legacy_checkpoint
+    from doge_hf.legacy import LegacyDogeForCausalLM
 
-    model_class = LegacyDogeForCausalLM if is_legacy_checkpoint(path) else DogeForCausalLM
+    model_class = LegacyDogeForCausalLM if read_checkpoint(path).legacy else DogeForCausalLM
     model = model_class.from_pretrained(path, dtype=dtype).eval()
     samples = []
     for prompt in prompts:
@@ -55,8 +56,8 @@ def check_greedy_parity(reference: list[Sample], actual: list[Sample], atol: flo
     1e-3 nats is the criterion the project states for fp32 parity. It is a margin over rounding, not a
     guess: two fp32 implementations differ by at most ~36 eps x max|logit| per logit (tests/tolerances.py),
     so by ~72 eps x 40 = 3.4e-4 for a logprob of these builder models (|logits| up to ~40); measured gaps
-    are 1e-5..2e-5. A wrong kept set, mask or routing moves logprobs by 1e-2..1 (test_keep_window_unit's
-    and test_builder's ablations).
+    are 1e-5..2e-5. A wrong kept set, mask or routing moves logprobs by 1e-2..1 (test_keep_window's
+    and test_build_checkpoint's ablations).
 
     Returns the largest logprob gap seen. On a token mismatch the message says whether the pick was
     at least a near-tie in the reference (which would point to numerics rather than a logic error).

@@ -1,6 +1,6 @@
 """Helpers for the end-to-end serving tests: one real `vllm serve` subprocess, driven by the openai client.
 
-The server itself is vllm_doge.serve_demo.VllmServer (the same launcher `make demo` uses): the `vllm`
+The server itself is tools.serve_demo.VllmServer (the same launcher `make demo` uses): the `vllm`
 command of this environment, a free loopback port, its log in a temporary file, stopped with SIGTERM
 then SIGKILL of its process group (a watchdog process does the same if pytest itself is killed).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_doge.serve_demo import ServerError, VllmServer
+from tools.serve_demo import ServerError, VllmServer
 
 # The only flags the tests pass: everything else (the Doge model class included) must come from the
 # checkpoint and the plugin's entry point, as for a user's `vllm serve DIR`.

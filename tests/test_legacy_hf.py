@@ -1,4 +1,4 @@
-"""The legacy SmallDoge format (doge_hf.legacy) and its converter (doge_hf.legacy_convert).
+"""The reference model of the legacy SmallDoge format (doge_hf.legacy).
 
 Oracle: `reference_logits` below, a straightforward float64 forward pass over the checkpoint's tensors written
 from the published remote code's equations (per-attention-head mask, no q/k norm, pre/post residual scales,
@@ -8,17 +8,14 @@ shares no code with doge_hf.legacy.
 
 import json
 import math
-import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from doge_hf.legacy import (LegacyDogeConfig, LegacyDogeConfigError, LegacyDogeForCausalLM, build_legacy_checkpoint,
-                            is_legacy_checkpoint, legacy_config_dict)
-from doge_hf.legacy_convert import (QK_NORM_REASON, conversion_obstacles, convert_state_dict, load_legacy, main,
-                                    transformers_config)
+from doge_format import DogeConfigError
+from doge_hf.legacy import LegacyDogeConfig, LegacyDogeForCausalLM
 from tolerances import assert_clearly_apart, assert_logits_close
 
 PRESETS = ["dense-gqa", "dense-mha", "moe"]
@@ -26,22 +23,6 @@ PAD = 2
 # Distinct token ids (layer 0's bias depends on the token only; distinct ids avoid exact ties in rankings).
 IDS = torch.tensor([[0] + [5 + (i * 37) % 500 for i in range(23)]])
 LOWEST32 = torch.finfo(torch.float32).min
-
-
-@pytest.fixture(scope="module")
-def legacy(tmp_path_factory):
-    """legacy(preset, seed=0, **options) -> directory of a tiny legacy checkpoint, built once per module."""
-    root = tmp_path_factory.mktemp("legacy")
-    built = {}
-
-    def get(preset, seed=0, **options):
-        key = (preset, seed, json.dumps(options, sort_keys=True))
-        if key not in built:
-            name = f"{preset}-{seed}-{len(built)}"
-            built[key] = build_legacy_checkpoint(root / name, preset, seed, **options)
-        return built[key]
-
-    return get
 
 
 def load(path):
@@ -221,7 +202,7 @@ def test_untied_without_lm_head_is_refused(legacy, tmp_path):
         (tmp_path / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
-    with pytest.raises(LegacyDogeConfigError, match="tie_word_embeddings"):
+    with pytest.raises(DogeConfigError, match="tie_word_embeddings"):
         load(tmp_path)
 
 
@@ -254,115 +235,5 @@ def test_dynamic_ntk_beyond_max_position(legacy):
 def test_keep_window_size_bounds_the_context(legacy):
     model = load(legacy("moe", keep_window_size=16))
     logits(model, IDS[:, :16])
-    with pytest.raises(LegacyDogeConfigError, match="keep_window_size"):
+    with pytest.raises(DogeConfigError, match="keep_window_size"):
         logits(model, IDS[:, :17])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Config and detection
-
-
-@pytest.mark.parametrize("overrides, field", [
-    (dict(num_key_value_heads=3), "num_key_value_heads"),
-    (dict(hidden_size=66), "hidden_size"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
-    (dict(dynamic_mask_ratio=1.0), "dynamic_mask_ratio"),
-    (dict(dynamic_mask_ratio=0.2, keep_window_size=64), "dynamic_mask_ratio"),
-    (dict(is_moe=True, num_experts=60), "num_experts"),
-    (dict(is_moe=True, num_experts=64, num_experts_per_tok=65), "num_experts_per_tok"),
-    (dict(expert_index="first"), "expert_index"),
-    (dict(architectures=["DogeForSequenceClassification"]), "architectures"),
-])
-def test_config_rejects(overrides, field):
-    fields = {k: v for k, v in legacy_config_dict("dense-gqa").items() if k != "torch_dtype"}
-    with pytest.raises(LegacyDogeConfigError, match=f"`{field}`"):
-        LegacyDogeConfig(**{**fields, **overrides})
-
-
-def test_config_reads_published_layout(legacy):
-    config = LegacyDogeConfig.from_pretrained(legacy("dense-gqa"))
-    assert (config.num_key_value_heads, config.tie_word_embeddings, config.dynamic_mask_ratio) == (2, True, 0.0)
-    assert config.rope_scaling["rope_type"] == "dynamic" and config.num_cdmmoe_experts == 2048
-    # num_key_value_heads absent: MHA (that code's default)
-    fields = legacy_config_dict("dense-gqa")
-    fields = {k: v for k, v in fields.items() if k not in ("torch_dtype", "num_key_value_heads")}
-    assert LegacyDogeConfig(**fields).num_key_value_heads == 4
-
-
-def test_detection(legacy, checkpoints):
-    for preset in PRESETS:
-        assert is_legacy_checkpoint(legacy(preset))
-    assert not is_legacy_checkpoint(checkpoints("dense-gqa"))  # the transformers format (doge_hf.builder)
-    assert is_legacy_checkpoint({"model_type": "doge", "dynamic_mask_ratio": 0.0})
-    assert is_legacy_checkpoint({"model_type": "doge", "hidden_bias": False})
-    remote = {"AutoModelForCausalLM": "modeling_doge.DogeForCausalLM"}
-    assert is_legacy_checkpoint({"model_type": "doge", "auto_map": remote})
-    transformers_cfg = json.loads((pathlib.Path(checkpoints("dense-gqa")) / "config.json").read_text())
-    assert not is_legacy_checkpoint(transformers_cfg)
-    assert not is_legacy_checkpoint({"model_type": "llama", "hidden_bias": False})
-
-
-def test_transformers_checkpoint_is_refused_by_legacy_loader(checkpoints):
-    with pytest.raises(LegacyDogeConfigError, match="word_embed"):
-        load(checkpoints("dense-gqa"))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Converter
-
-
-def test_converter_cli_refuses_gqa_with_per_head_masks(legacy, tmp_path, capsys):
-    dst = tmp_path / "out"
-    assert main([str(legacy("dense-gqa")), str(dst)]) == 2
-    err = capsys.readouterr().err
-    assert "q/k norm" in err and "per-attention-head dynamic mask with GQA" in err and "layer 0 A" in err
-    assert not dst.exists()
-
-
-@pytest.mark.parametrize("preset, options", [("dense-mha", {}), ("dense-gqa", {"share_group_masks": True}),
-                                             ("moe", {"share_group_masks": True})])
-def test_converter_refuses_only_for_qk_norm_when_masks_merge(legacy, preset, options, capsys, tmp_path):
-    config, state = load_legacy(legacy(preset, **options))
-    assert conversion_obstacles(config, state) == [QK_NORM_REASON]
-    assert main([str(legacy(preset, **options)), "--check"]) == 2
-    assert "q/k norm" in capsys.readouterr().out
-    assert main([str(legacy(preset, **options)), str(tmp_path / "out")]) == 2
-    assert "no exact transformers-format equivalent" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("preset, options", [("dense-mha", {}), ("dense-gqa", {"share_group_masks": True}),
-                                             ("moe", {"share_group_masks": True})])
-def test_everything_but_qk_norm_maps_exactly(legacy, preset, options):
-    """With q_norm/k_norm replaced by identities, doge_hf on the converted tensors reproduces the legacy logits:
-    q/k norm is the only obstacle. With RMSNorm (weights 1) in place, the logits move: the refusal is needed."""
-    import doge_hf
-
-    path = legacy(preset, **options)
-    config, state = load_legacy(path)
-    model = doge_hf.DogeForCausalLM(doge_hf.DogeConfig(**transformers_config(config))).eval()
-    missing, unexpected = model.load_state_dict(convert_state_dict(config, state), strict=False)
-    assert not unexpected
-    assert sorted({m.split(".")[-2] for m in missing} - {"lm_head"}) == ["k_norm", "q_norm"]
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    expected = logits(load(path), IDS)
-    with_norm = logits(model, IDS)
-    for layer in model.model.layers:
-        layer.self_attn.q_norm = torch.nn.Identity()
-        layer.self_attn.k_norm = torch.nn.Identity()
-    assert_close(logits(model, IDS), expected, f"{preset}: converted, q/k norm removed, vs legacy")
-    assert_clearly_apart(with_norm, expected, what=f"{preset}: converted with q/k norm vs legacy")
-
-
-def test_converter_names_every_obstacle(legacy):
-    config, state = load_legacy(legacy("moe", router_bias=True))
-    reasons = conversion_obstacles(config, state)
-    assert any("router_gate.bias" in r for r in reasons)
-    config, state = load_legacy(legacy("dense-mha", dynamic_mask_ratio=0.3))
-    assert any("dynamic_mask_ratio" in r for r in conversion_obstacles(config, state))
-
-
-def test_converter_rejects_non_legacy_input(checkpoints, tmp_path, capsys):
-    assert main([str(checkpoints("dense-gqa")), str(tmp_path / "x")]) == 2
-    assert "not a legacy Doge checkpoint" in capsys.readouterr().err

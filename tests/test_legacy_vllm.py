@@ -6,16 +6,15 @@ embeddings, renamed tensors, dynamic-NTK RoPE (plain RoPE within max_position_em
 import pytest
 import torch
 
-from doge_hf.legacy import LegacyDogeForCausalLM, build_legacy_checkpoint
+from doge_hf.legacy import LegacyDogeForCausalLM
 from parity import check_greedy_parity, engine, reference_greedy, vllm_greedy
-from test_vllm_parity import MAX_TOKENS, make_prompts
+from test_model import MAX_TOKENS, make_prompts
 from tolerances import assert_logprobs_close, logprob_tolerance
 
 
 @pytest.fixture(scope="module")
-def legacy_checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("legacy")
-    return {preset: str(build_legacy_checkpoint(root / preset, preset=preset)) for preset in ("dense-gqa", "dense-mha", "moe")}
+def legacy_checkpoints(legacy):
+    return {preset: str(legacy(preset)) for preset in ("dense-gqa", "dense-mha", "moe")}
 
 
 @torch.no_grad()

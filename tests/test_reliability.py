@@ -33,8 +33,8 @@ import pytest
 from parity import engine, error_chain, reference_greedy
 from serving import READY_TIMEOUT_S, choice_tokens, launch, server_log, wait_ready
 from test_load_errors import broken_copy
-from test_vllm_parity import make_prompts
-from vllm_doge.serve_demo import ServerError, VllmServer
+from test_model import make_prompts
+from tools.serve_demo import ServerError, VllmServer
 
 # ----------------------------------------------------------------------------------------------- helpers
 

@@ -15,12 +15,12 @@ data, so that a tolerance means the same thing whatever the magnitudes, the mach
    LOGITS_K = 512: the worst ratio measured over every such comparison of the test suite (1 and 2 threads,
    idle and with both cores busy) was 36 eps * scale (test_doge_hf.py, gqa_untied_plain, doge_hf against
    transformers' Doge, while doge_hf computed the mask bias in fp32; 9 since it does so in fp64). The
-   comparison that failed at atol=1e-4 measures 22..23 (test_builder.py, dense-mha-tied: 1.17e-4 at
+   comparison that failed at atol=1e-4 measures 22..23 (test_build_checkpoint.py, dense-mha-tied: 1.17e-4 at
    |logits| up to 40). 512 leaves a margin of 14x over the worst. At |logits| ~ 40 the tolerance is
    ~2.4e-3, and real defects move the logits by far more: dropping the dynamic mask (A = 0) by 8e3..1.6e4
    tolerances, and even A 0.1% too large by 17..57 (asserted by
-   test_builder.py::test_tolerance_catches_mask_errors); every other ablation of test_builder.py,
-   test_doge_hf.py, test_legacy_hf.py and test_cdmoe_kernel.py (no keep window, no sliding window, no
+   test_build_checkpoint.py::test_tolerance_catches_mask_errors); every other ablation of test_build_checkpoint.py,
+   test_doge_hf.py, test_legacy_hf.py and test_cdmoe.py (no keep window, no sliding window, no
    experts, another RoPE, transformers' token-mixing MoE prefill, q/k norm) by 9.6e2 or more (asserted:
    more than 100, `assert_clearly_apart`).
    Logprobs: `logprob = logit - logsumexp(logits)` carries at most twice the logits' error, so
@@ -31,7 +31,7 @@ data, so that a tolerance means the same thing whatever the magnitudes, the mach
    (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 3.5). This is a worst-case bound,
    not a statistical one: it holds for any summation order, any blocking, any machine. Kernel tests
    compute the sum of absolute products in fp64 beside the exact result and compare elementwise
-   (`assert_within_bound`); test_cdmoe_kernel.routed_error_bound carries the bound through the CDMoE
+   (`assert_within_bound`); test_cdmoe.routed_error_bound carries the bound through the CDMoE
    activation, the routing weights and the up-projection sum, for each path's roundings.
 
 Exact comparisons (`atol=0`, `torch.equal`) stay exact where equality holds by construction (the same

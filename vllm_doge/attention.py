@@ -29,7 +29,8 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.v1.attention.selector import get_attn_backend
 
-from .cpu_cache import check_vllm_version
+from doge_format import DogeSpec
+
 from .keep_window import encode_positions, keep_window_binds, position_digits
 
 
@@ -53,16 +54,16 @@ def folded_head_size(min_size: int, num_heads: int, dtype: torch.dtype, kv_cache
 class DogeAttention(nn.Module):
     def __init__(
         self,
-        config,
+        spec: DogeSpec,
         cache_config: CacheConfig | None = None,
         quant_config: QuantizationConfig | None = None,
         prefix: str = "",
     ) -> None:
         super().__init__()
-        hidden = config.hidden_size
+        hidden = spec.hidden_size
         tp_size = get_tensor_model_parallel_world_size()
-        self.total_num_heads = config.num_attention_heads
-        self.total_num_kv_heads = config.num_key_value_heads
+        self.total_num_heads = spec.num_heads
+        self.total_num_kv_heads = spec.num_kv_heads
         if self.total_num_heads % tp_size or (
             self.total_num_kv_heads % tp_size if self.total_num_kv_heads >= tp_size else tp_size % self.total_num_kv_heads
         ):
@@ -72,14 +73,14 @@ class DogeAttention(nn.Module):
             )
         self.num_heads = self.total_num_heads // tp_size
         self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
-        self.head_dim = getattr(config, "head_dim", None) or hidden // self.total_num_heads
+        self.head_dim = spec.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scaling = self.head_dim**-0.5
 
-        # The transformers format has one mask row (A, dt_proj) per kv head; the legacy SmallDoge format
-        # one per attention head, so each kv head carries one bias channel per head of its group.
-        self.mask_per_head = getattr(config, "doge_legacy", False)
+        # One mask row (A, dt_proj) per kv head, or per attention head (legacy GQA): each kv head then
+        # carries one bias channel per head of its group.
+        self.mask_per_head = spec.masks_per_kv_head > 1
         self.bias_channels = self.num_heads // self.num_kv_heads if self.mask_per_head else 1
         self.mask_rows = self.num_kv_heads * self.bias_channels
 
@@ -88,26 +89,26 @@ class DogeAttention(nn.Module):
             self.head_dim,
             self.total_num_heads,
             self.total_num_kv_heads,
-            bias=config.attention_bias,
+            bias=spec.attention_bias,
             quant_config=quant_config,
             prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
             self.total_num_heads * self.head_dim,
             hidden,
-            bias=config.attention_bias,
+            bias=spec.attention_bias,
             quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
         )
-        self.qk_norm = not self.mask_per_head  # the legacy format has no q/k norm
+        self.qk_norm = spec.qk_norm
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        rope = dict(config.rope_parameters)
-        if rope.get("rope_type") == "dynamic":
+            self.q_norm = RMSNorm(self.head_dim, eps=spec.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=spec.rms_norm_eps)
+        rope = dict(spec.rope)
+        if spec.rope_type == "dynamic":
             # Dynamic NTK is plain RoPE up to max_position_embeddings, where the config hook caps the context.
             rope = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
-        self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings, rope_parameters=rope)
+        self.rotary_emb = get_rope(self.head_dim, max_position=spec.max_position_embeddings, rope_parameters=rope)
 
         # Dynamic mask: A and the folded dt projection (W_dt·W_v, see the module docstring) of this
         # rank's mask rows. Filled by `fold_dt_proj` after the checkpoint's dt_proj/v_proj are read.
@@ -119,13 +120,13 @@ class DogeAttention(nn.Module):
 
         vllm_config = get_current_vllm_config()
         kv_cache_dtype = cache_config.cache_dtype if cache_config is not None else None
-        sliding_window = getattr(config, "sliding_window", None)
+        sliding_window = spec.sliding_window
         # Beyond keep_window_size keys each query keeps only its top keys by bias: the layer is then a
         # sliding window of W + 1 slots whose contents keep_window.py relocates (design §3b), and k'
         # carries each key's position in spare channels for the tie rule.
         max_model_len = vllm_config.model_config.max_model_len if vllm_config.model_config is not None else 0
-        self.keep_window_size = config.keep_window_size
-        self.keep_window = keep_window_binds(config.keep_window_size, sliding_window, max_model_len)
+        self.keep_window_size = spec.keep_window
+        self.keep_window = keep_window_binds(spec.keep_window, sliding_window, max_model_len)
         self.position_digits = position_digits(max_model_len) if self.keep_window else 0
         self.padded_head_size = folded_head_size(
             self.head_dim + self.bias_channels + self.position_digits, self.num_heads, dtype, kv_cache_dtype
@@ -141,7 +142,7 @@ class DogeAttention(nn.Module):
             num_kv_heads=self.num_kv_heads,
             cache_config=cache_config,
             quant_config=quant_config,
-            per_layer_sliding_window=config.keep_window_size + 1 if self.keep_window else sliding_window,
+            per_layer_sliding_window=self.keep_window_size + 1 if self.keep_window else sliding_window,
             prefix=f"{prefix}.attn",
         )
         if self.keep_window:
@@ -161,7 +162,6 @@ class DogeAttention(nn.Module):
                 + f". Serve with --max-model-len <= {self.keep_window_size} (then the folded bias is exact "
                 "on any backend)."
             )
-        check_vllm_version()
 
     def _mask_rows(self, total_rows: int) -> slice:
         """The mask rows this tensor-parallel rank owns: its attention heads' rows (legacy), or its kv

@@ -1,27 +1,39 @@
 """Engine-config hook for Doge checkpoints (registered in vLLM's MODELS_CONFIG_MAP by `register()`).
 
 It runs while vLLM builds its config, before the model exists:
-- weights are read from safetensors only, and a local checkpoint's files are checked to be complete;
-- the legacy SmallDoge format (published remote-code checkpoints) is recognised from its config.json, and
-  the fields that format spells or defaults differently are set on the config vLLM passes to the model;
+- the checkpoint is described once (doge_format: either format, validated, a local checkpoint's files
+  checked complete) and the description travels with the HF config to every worker (`spec_of`); the
+  fields vLLM itself reads (head_dim, kv heads, tying) are set from it;
+- weights are read from safetensors only;
 - the context length is capped where the reference cannot be matched beyond it: dynamic-NTK RoPE is
   plain RoPE up to `max_position_embeddings` (vLLM would otherwise allow 4x that from its `factor`),
-  and legacy checkpoints define no keep-window top-k. A length the user asked for explicitly is refused
-  instead of capped;
+  and legacy checkpoints define no attention beyond their `keep_window_size`. A length the user asked
+  for explicitly is refused instead of capped;
 - a keep window shorter than the context relocates keys in the KV cache (keep_window.py): prefix caching
   is turned off, and speculative decoding and KV connectors are refused.
 """
 
+import dataclasses
 import json
 import pathlib
 
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from .checkpoint import check_safetensors_files
+from doge_format import DogeSpec, describe, read_checkpoint
+
 from .keep_window import keep_window_binds
 
 logger = init_logger(__name__)
+
+SPEC_FIELD = "doge_spec"  # the HF config attribute that carries the DogeSpec (as plain data)
+
+
+def spec_of(hf_config) -> DogeSpec:
+    fields = getattr(hf_config, SPEC_FIELD, None)
+    if fields is None:
+        raise RuntimeError("Doge: the model config was not prepared by vllm_doge's config hook (is the plugin registered?)")
+    return DogeSpec.from_dict(fields)
 
 
 def raw_config(model_config) -> dict:
@@ -33,49 +45,36 @@ def raw_config(model_config) -> dict:
         return json.load(f)
 
 
-def rope_type(config) -> str:
-    return (config.rope_parameters or {}).get("rope_type", "default")
-
-
 class DogeConfigHook(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
-        from doge_hf.legacy import LegacyDogeConfig, is_legacy_checkpoint
-
-        local = pathlib.Path(model_config.model)
-        if local.is_dir():
-            check_safetensors_files(local)
-        fields = raw_config(model_config)
         config = model_config.hf_config
-        config.doge_legacy = is_legacy_checkpoint(fields)
-        if not config.doge_legacy:
-            return
-        legacy = LegacyDogeConfig(**fields)  # validates, with that format's defaults
-        if legacy.dynamic_mask_ratio:
+        local = pathlib.Path(model_config.model)
+        spec = read_checkpoint(local) if local.is_dir() else describe(raw_config(model_config))
+        if not spec.legacy:  # the HF config holds the transformers format, --hf-overrides included
+            spec = describe(config.to_dict(), legacy=False)
+        elif spec.dynamic_mask_ratio:
             raise ValueError(
-                f"Doge (legacy format): `dynamic_mask_ratio` = {legacy.dynamic_mask_ratio}; vLLM needs 0.0 — "
+                f"Doge (legacy format): `dynamic_mask_ratio` = {spec.dynamic_mask_ratio}; vLLM needs 0.0 — "
                 "the published code masks a fraction of *all* keys of a forward call (future ones included), "
                 "which depends on how a sequence is split and cannot be served exactly"
             )
-        config.tie_word_embeddings = legacy.tie_word_embeddings
-        config.attention_bias = config.mlp_bias = legacy.hidden_bias
-        config.head_dim = legacy.head_dim
-        config.num_key_value_heads = legacy.num_key_value_heads
-        # The legacy format has no keep-window top-k: `keep_window_size` only caps the context below.
-        config.doge_legacy_window = legacy.keep_window_size
-        config.keep_window_size = 2**31 - 1
+        setattr(config, SPEC_FIELD, dataclasses.asdict(spec))
+        config.head_dim = spec.head_dim
+        config.num_key_value_heads = spec.num_kv_heads
+        config.tie_word_embeddings = spec.tie_word_embeddings
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         if vllm_config.load_config.load_format == "auto":
             vllm_config.load_config.load_format = "safetensors"  # never a pickled .bin
         model_config = vllm_config.model_config
-        config = model_config.hf_config
+        spec = spec_of(model_config.hf_config)
         limits = []
-        if rope_type(config) == "dynamic":
-            limits.append((config.max_position_embeddings, "dynamic-NTK RoPE is plain RoPE only up to max_position_embeddings"))
-        if getattr(config, "doge_legacy_window", None):
-            limits.append((config.doge_legacy_window, "the legacy format defines no attention beyond keep_window_size"))
+        if spec.rope_type == "dynamic":
+            limits.append((spec.max_position_embeddings, "dynamic-NTK RoPE is plain RoPE only up to max_position_embeddings"))
+        if spec.context_limit:
+            limits.append((spec.context_limit, "the legacy format defines no attention beyond keep_window_size"))
         for limit, why in limits:
             if model_config.max_model_len <= limit:
                 continue
@@ -83,8 +82,8 @@ class DogeConfigHook(VerifyAndUpdateConfig):
                 raise ValueError(f"Doge: max_model_len {model_config.max_model_len} > {limit}: {why}. Use --max-model-len <= {limit}.")
             logger.warning("Doge: capping max_model_len %d to %d: %s.", model_config.max_model_len, limit, why)
             model_config.max_model_len = limit
-        if keep_window_binds(config.keep_window_size, getattr(config, "sliding_window", None), model_config.max_model_len):
-            refuse_with_keep_window(vllm_config, config.keep_window_size)
+        if keep_window_binds(spec.keep_window, spec.sliding_window, model_config.max_model_len):
+            refuse_with_keep_window(vllm_config, spec.keep_window)
 
 
 def refuse_with_keep_window(vllm_config, window: int) -> None:

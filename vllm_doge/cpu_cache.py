@@ -8,7 +8,7 @@ then V as ``[block_size, P]``; ``amx``: K packed in 4-byte groups of 16 tokens, 
 tokens). Rather than hard-coding those orders, :func:`probe_block_layout` learns the order once per
 (isa, dtype, block size, P) by writing a coded pattern with the backend's own cache-write op into a
 scratch cache. This module is the only place that depends on that private layout (and on the
-``isa`` the CPU metadata builder sets on each layer); it is checked against the vLLM versions it was
+``isa`` the CPU metadata builder sets on each layer); `register()` checks the vLLM version it was
 written for.
 """
 
@@ -19,21 +19,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-TESTED_VLLM = ("0.32.",)
-
-
-def check_vllm_version() -> None:
-    """Refuse a vLLM whose CPU cache layout has not been verified (the probe would catch a changed
-    order, not a changed write path)."""
-    import vllm
-
-    if not vllm.__version__.startswith(TESTED_VLLM):
-        raise RuntimeError(
-            f"Doge keep window: the CPU KV-cache access was written for vLLM {'/'.join(TESTED_VLLM)}x, "
-            f"but vLLM {vllm.__version__} is installed. Serve with --max-model-len <= keep_window_size, "
-            "or install a tested vLLM."
-        )
 
 
 @dataclass(frozen=True)

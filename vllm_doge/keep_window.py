@@ -43,10 +43,11 @@ POSITION_BASE = 256  # digits 0..255: integers exact in bf16 (8 significant bits
 QUERY_BLOCK = 128
 
 
-def keep_window_binds(keep_window_size: int, sliding_window: int | None, max_model_len: int) -> bool:
+def keep_window_binds(keep_window_size: int | None, sliding_window: int | None, max_model_len: int) -> bool:
     """Whether some query can see more than W keys (then the layer relocates keys; else the fold alone
-    is exact). A true sliding window wider than W lets keys that left the kept set return: refused."""
-    if max_model_len <= keep_window_size or (sliding_window is not None and sliding_window <= keep_window_size):
+    is exact; None: no keep window). A true sliding window wider than W lets keys that left the kept set
+    return: refused."""
+    if keep_window_size is None or max_model_len <= keep_window_size or (sliding_window is not None and sliding_window <= keep_window_size):
         return False
     if sliding_window is not None:
         raise ValueError(

@@ -31,39 +31,38 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from doge_hf.configuration import validate_doge_config
+from doge_format import LEGACY_RENAMES, DogeSpec, checked, expected_shapes
 
 from .attention import DogeAttention
 from .cdmoe import DogeCDMoE
-from .checkpoint import LEGACY_NAMES, checked, expected_shapes
+from .config import spec_of
+
+LEGACY_NAMES = WeightsMapper(orig_to_new_substr=LEGACY_RENAMES)
 
 
 class DogeDecoderLayer(nn.Module):
     def __init__(
         self,
-        config,
+        spec: DogeSpec,
         cache_config: CacheConfig | None = None,
         quant_config: QuantizationConfig | None = None,
         prefix: str = "",
     ) -> None:
         super().__init__()
-        hidden = config.hidden_size
-        self.input_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
-        self.self_attn = DogeAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
+        hidden = spec.hidden_size
+        self.input_layernorm = RMSNorm(hidden, eps=spec.rms_norm_eps)
+        self.self_attn = DogeAttention(spec, cache_config, quant_config, prefix=f"{prefix}.self_attn")
         self.input_residual = nn.Parameter(torch.ones(hidden), requires_grad=False)
-        self.post_attention_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
-        if config.is_moe:
-            legacy = getattr(config, "doge_legacy", False)
-            self.mlp = DogeCDMoE(config, quant_config=quant_config, prefix=f"{prefix}.mlp", router_bias=legacy)
-            if legacy:  # zero unless the checkpoint has one (see DogeForCausalLM.load_weights)
-                self.mlp.router_gate.bias.data.zero_()
+        self.post_attention_layernorm = RMSNorm(hidden, eps=spec.rms_norm_eps)
+        if spec.experts is not None:
+            self.mlp = DogeCDMoE(spec, quant_config=quant_config, prefix=f"{prefix}.mlp")
         else:
             self.mlp = LlamaMLP(
                 hidden,
-                config.intermediate_size,
-                config.hidden_act,
+                spec.intermediate_size,
+                spec.hidden_act,
                 quant_config=quant_config,
-                bias=config.mlp_bias,
+                bias=spec.mlp_bias,
                 prefix=f"{prefix}.mlp",
             )
         self.post_attention_residual = nn.Parameter(torch.ones(hidden), requires_grad=False)
@@ -87,22 +86,22 @@ class DogeModel(nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        config = vllm_config.model_config.hf_config
+        self.config = vllm_config.model_config.hf_config
+        spec = spec_of(self.config)
         quant_config = vllm_config.quant_config
-        self.config = config
         pp = get_pp_group()
-        if pp.is_first_rank or (config.tie_word_embeddings and pp.is_last_rank):
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config)
+        if pp.is_first_rank or (spec.tie_word_embeddings and pp.is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, quant_config=quant_config)
         else:
             self.embed_tokens = PPMissingLayer()
         self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers,
-            lambda prefix: DogeDecoderLayer(config, vllm_config.cache_config, quant_config, prefix=prefix),
+            spec.num_layers,
+            lambda prefix: DogeDecoderLayer(spec, vllm_config.cache_config, quant_config, prefix=prefix),
             prefix=f"{prefix}.layers",
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
+        self.norm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
-            ["hidden_states"], config.hidden_size
+            ["hidden_states"], spec.hidden_size
         )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -156,22 +155,23 @@ class DogeForCausalLM(nn.Module, SupportsPP):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        config = vllm_config.model_config.hf_config
-        validate_doge_config(config)
-        self.config = config
+        self.config = vllm_config.model_config.hf_config
+        self.spec = spec = spec_of(self.config)
+        if spec.hidden_act != "silu":
+            raise ValueError(f"Doge: `hidden_act` = {spec.hidden_act!r}; vLLM's fused SwiGLU serves 'silu' only")
         self.model = DogeModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(
-                config.vocab_size,
-                config.hidden_size,
+                spec.vocab_size,
+                spec.hidden_size,
                 quant_config=vllm_config.quant_config,
                 prefix=maybe_prefix(prefix, "lm_head"),
             )
-            if config.tie_word_embeddings:
+            if spec.tie_word_embeddings:
                 self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         else:
             self.lm_head = PPMissingLayer()
-        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.logits_processor = LogitsProcessor(spec.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -190,18 +190,14 @@ class DogeForCausalLM(nn.Module, SupportsPP):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        config = self.config
         optional = set()
-        if config.tie_word_embeddings:  # a tied lm_head some exports still store is the embedding again
+        if self.spec.tie_word_embeddings:  # a tied lm_head some exports still store is the embedding again
             optional.add("lm_head.weight")
-        if getattr(config, "doge_legacy", False):
+        if self.spec.legacy:
             weights = LEGACY_NAMES.apply(weights)
-            if config.is_moe:  # absent means no bias: the layer's zeros stand
-                optional |= {f"model.layers.{i}.mlp.router_gate.bias" for i in range(config.num_hidden_layers)}
-        expected = expected_shapes(config)
+        expected = expected_shapes(self.spec)
         if getattr(self, "is_pooling_model", False):
             # vLLM's pooling adapters (e.g. the seq-cls wrapper serving a DogeForSequenceClassification
             # checkpoint) have no lm_head; the checkpoint's `score` passes through to the adapter's head.
             expected.pop("lm_head.weight", None)
-        loaded = AutoWeightsLoader(self).load_weights(checked(weights, expected, optional=optional))
-        return loaded | {name for name in optional if name.endswith("router_gate.bias")}
+        return AutoWeightsLoader(self).load_weights(checked(weights, expected, optional=optional))

@@ -1,8 +1,8 @@
 """Train the small demo checkpoint `checkpoints/doge-demo/` on Python standard-library source.
 
-    python -m doge_hf.train_demo [--out DIR] [--steps N] [--minutes M]
+    python -m tools.train_demo [--out DIR] [--steps N] [--minutes M]
 
-A dense Doge (tied embeddings, GQA, 4096-token tokenizer from doge_hf.tokenizer) trained for a fixed
+A dense Doge (tied embeddings, GQA, 4096-token tokenizer from tools.tokenizer) trained for a fixed
 number of steps on the stdlib's top-level modules. Everything that affects the result is fixed: seeds,
 file order, batch order, thread count; so the same machine type reproduces the same weights. `--minutes`
 is only a safety cap: if it stops training early, the run says so and is no longer reproducible.
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from .builder import write_checkpoint
-from .tokenizer import BOS_ID, EOS_ID, corpus_files, get_tokenizer, read_text
+from tools.build_checkpoint import write_checkpoint
+from tools.tokenizer import BOS_ID, EOS_ID, corpus_files, get_tokenizer, read_text
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "checkpoints" / "doge-demo"
@@ -150,7 +150,7 @@ def train(out_dir=DEFAULT_OUT, steps: int = STEPS, minutes: float = 8.0) -> path
 
     out = write_checkpoint(model.eval(), tokenizer, out_dir)
     info = dict(  # so the checkpoint says where it came from
-        trainer="python -m doge_hf.train_demo", steps=step + 1, planned_steps=steps, batch=BATCH,
+        trainer="python -m tools.train_demo", steps=step + 1, planned_steps=steps, batch=BATCH,
         seq_len=SEQ_LEN, seed=SEED, threads=THREADS, seconds=round(elapsed), final_train_loss=round(loss.item(), 4),
         held_out_loss=round(final_eval, 4), data="top-level .py files of the Python standard library",
         python=sys.version.split()[0], torch=torch.__version__,
@@ -162,7 +162,7 @@ def train(out_dir=DEFAULT_OUT, steps: int = STEPS, minutes: float = 8.0) -> path
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m doge_hf.train_demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.train_demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--minutes", type=float, default=8.0, help="safety cap on training time")

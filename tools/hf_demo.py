@@ -1,6 +1,7 @@
-"""`python -m doge_hf.demo`: greedy continuations from the small trained demo checkpoint.
+"""`python -m tools.hf_demo`: greedy continuations from the small trained demo checkpoint, with the
+reference model (no vLLM).
 
-Loads checkpoints/doge-demo/ (built by `python -m doge_hf.train_demo`) with the reference model
+Loads checkpoints/doge-demo/ (built by `python -m tools.train_demo`) with the reference model
 doge_hf.DogeForCausalLM and the tokenizer with AutoTokenizer, then prints what it writes after a few
 Python prompts. The model is tiny and was trained for minutes on standard-library source, so expect
 Python-looking text, not working programs.
@@ -21,7 +22,7 @@ PROMPTS = ["def main(", "import os", "class Parser:\n    def __init__(self"]
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m doge_hf.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.hf_demo", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_DIR))
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("prompts", nargs="*", default=PROMPTS)
@@ -29,7 +30,7 @@ def main(argv=None) -> None:
 
     path = pathlib.Path(args.checkpoint)
     if not (path / "config.json").is_file():
-        raise SystemExit(f"no checkpoint at {path}: build it with `python -m doge_hf.train_demo`")
+        raise SystemExit(f"no checkpoint at {path}: build it with `python -m tools.train_demo`")
     print(f">> loading {path} with doge_hf.DogeForCausalLM (the reference implementation, fp32, CPU)")
     model = DogeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,6 +1,6 @@
 """`make demo`: serve the demo checkpoint with the `vllm` command and talk to it with the openai client.
 
-    python -m vllm_doge.serve_demo [--model DIR] [--port N] [--max-model-len N] [--timeout S] [-- VLLM SERVE ARGS]
+    python -m tools.serve_demo [--model DIR] [--port N] [--max-model-len N] [--timeout S] [-- VLLM SERVE ARGS]
 
 It starts `vllm serve checkpoints/doge-demo` in a subprocess on a free loopback port (the plugin is
 picked up through its `vllm.general_plugins` entry point: nothing Doge-specific is passed), waits for
@@ -390,7 +390,7 @@ def run_demo(model: pathlib.Path, port: int | None, max_model_len: int, timeout:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_doge.serve_demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.serve_demo", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: %(default)s)")
     parser.add_argument("--port", type=int, default=None, help="default: a free port")
     parser.add_argument("--max-model-len", type=int, default=512)
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     if not (model / "config.json").is_file():
         print(
             f"no checkpoint at {model} (config.json missing).\n"
-            f"The demo checkpoint is trained by `python -m doge_hf.train_demo` (writes {DEFAULT_CHECKPOINT});\n"
+            f"The demo checkpoint is trained by `python -m tools.train_demo` (writes {DEFAULT_CHECKPOINT});\n"
             f"any Doge checkpoint directory works with --model DIR.",
             file=sys.stderr,
         )

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import doge_hf
-from doge_hf.builder import PRESETS, build_checkpoint
+from tools.build_checkpoint import PRESETS, build_checkpoint
 from tolerances import assert_clearly_apart, assert_logits_close
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -179,7 +179,7 @@ def test_tokenizer_specials_and_chat_template(checkpoints, tokenizer):
 
 
 def test_tokenizer_training_is_deterministic():
-    from doge_hf.tokenizer import corpus_files, train_backend
+    from tools.tokenizer import corpus_files, train_backend
 
     files = corpus_files(limit_bytes=300_000)
     assert train_backend(300, files).to_str() == train_backend(300, files).to_str()
@@ -280,7 +280,7 @@ def test_same_seed_same_tensors(checkpoints, tmp_path):
 
 def test_cli(tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "doge_hf.builder", str(out), "--preset", "keep-window", "--seed", "3",
+    cmd = [sys.executable, "-m", "tools.build_checkpoint", str(out), "--preset", "keep-window", "--seed", "3",
            "--num-hidden-layers", "3", "--set", "keep_window_size=8"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
