@@ -10,15 +10,17 @@ Sample = tuple[list[int], list[dict[int, float]]]  # generated tokens, per-step 
 
 @torch.no_grad()
 def reference_greedy(
-    path: str, prompts: list[list[int]], max_tokens: int, top: int = 5, dtype: torch.dtype = torch.float32
+    path: str, prompts: list[list[int]], max_tokens: int, top: int = 5, dtype: torch.dtype = torch.float32,
+    model_class=None,
 ) -> list[Sample]:
     """doge_hf greedy decoding (with its KV cache), one prompt at a time, with per-step top logprobs.
-    Legacy-format checkpoints run on doge_hf's legacy reference."""
+    Legacy-format checkpoints run on doge_hf's legacy reference; `model_class` picks another model."""
     from doge_format import read_checkpoint
     from doge_hf import DogeForCausalLM
     from doge_hf.legacy import LegacyDogeForCausalLM
 
-    model_class = LegacyDogeForCausalLM if read_checkpoint(path).legacy else DogeForCausalLM
+    if model_class is None:
+        model_class = LegacyDogeForCausalLM if read_checkpoint(path).legacy else DogeForCausalLM
     model = model_class.from_pretrained(path, dtype=dtype).eval()
     samples = []
     for prompt in prompts:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from doge_hf.legacy import LegacyDogeForCausalLM
-from parity import check_greedy_parity, engine, reference_greedy, vllm_greedy
+from parity import check_greedy_parity, check_logprobs_close, engine, reference_greedy, vllm_greedy
 from test_model import MAX_TOKENS, make_prompts
 from tolerances import assert_logprobs_close, logprob_tolerance
 
@@ -40,6 +40,18 @@ def test_legacy_greedy_parity(legacy_checkpoints, preset):
     worst = check_greedy_parity(reference, got, atol=logprob_tolerance(scale), name=f"legacy-{preset}")
     assert_logprobs_close(worst, 0.0, logits_scale=scale, what=f"legacy-{preset}: worst logprob gap, vLLM vs reference")
     assert limit <= 512, "dynamic-NTK RoPE is exact only within max_position_embeddings"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("preset", ["dense-gqa", "moe"])
+def test_legacy_low_precision(legacy_checkpoints, preset, dtype):
+    """bf16 / fp16 against the legacy reference in the same dtype, judged like vLLM's check_logprobs_close."""
+    path = legacy_checkpoints[preset]
+    prompts = make_prompts(seed=3)
+    reference = reference_greedy(path, prompts, MAX_TOKENS, dtype=getattr(torch, dtype))
+    with engine(path, dtype=dtype) as llm:
+        got = vllm_greedy(llm, prompts, MAX_TOKENS)
+    check_logprobs_close(reference, got, name=f"legacy-{preset} {dtype}")
 
 
 def test_context_capped_to_plain_rope_range(legacy_checkpoints):

@@ -18,11 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vllm.distributed import (
-    get_tensor_model_parallel_rank,
-    get_tensor_model_parallel_world_size,
-    tensor_model_parallel_all_reduce,
-)
 from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaMLP
@@ -196,12 +191,11 @@ class DogeCDMoE(LlamaMLP):
     """vLLM CDMoE layer: vLLM's LlamaMLP is the shared SwiGLU (gate_up_proj, down_proj), plus the routed
     product-key experts (router_gate, down_embed, up_embed).
 
-    Tensor parallelism: the shared MLP is sharded as in Llama, but does not all-reduce itself
-    (`reduce_results=False`; RowParallelLinear adds its bias on rank 0 only). The router and both expert
-    tables are replicated, and only TP rank 0 adds the routed sum into its partial result before the single
-    all-reduce: the routed part is counted once, bit-identical to tp=1, at no extra collective. The tables
-    are small (2·E·hidden: 0.5 M values for Doge-20M-MoE) and the routed work O(T·k·hidden) is tiny next
-    to the shared MLP's O(T·hidden·intermediate/tp), so not sharding it costs little.
+    Tensor parallelism: the shared MLP is sharded and all-reduced as in Llama (its bias added once). The
+    router and both expert tables are replicated, and every rank adds the same routed sum after the
+    all-reduce: no extra collective, and the result equals tp=1's. The tables are small (2·E·hidden:
+    0.5 M values for Doge-20M-MoE) and the routed work O(T·k·hidden) is tiny next to the shared MLP's
+    O(T·hidden·intermediate/tp), so repeating it on each rank costs little.
     """
 
     def __init__(self, spec: DogeSpec, quant_config=None, prefix: str = "") -> None:
@@ -212,12 +206,9 @@ class DogeCDMoE(LlamaMLP):
             quant_config=quant_config,
             bias=spec.mlp_bias,
             prefix=prefix,
-            reduce_results=False,
         )
         experts = spec.experts
         self.num_keys, self.top_k, self.norm_topk_prob = experts.keys, experts.top_k, experts.norm_topk_prob
-        self.tp_rank = get_tensor_model_parallel_rank()
-        self.tp_size = get_tensor_model_parallel_world_size()
         # The router stays unquantised (tiny, and its top-k decisions are sensitive to rounding).
         self.router_gate = ReplicatedLinear(
             spec.hidden_size, 2 * self.num_keys, bias=experts.router_bias, quant_config=None, prefix=f"{prefix}.router_gate"
@@ -226,11 +217,7 @@ class DogeCDMoE(LlamaMLP):
         self.up_embed = _ExpertTable(experts.count, spec.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = super().forward(hidden_states)
-        if self.tp_rank == 0:  # a constant of the module: no data-dependent control flow
-            router_logits, _ = self.router_gate(hidden_states)
-            weights, ids = route(router_logits, self.num_keys, self.top_k, self.norm_topk_prob)
-            out = out + routed_experts(hidden_states, weights, ids, self.down_embed.weight, self.up_embed.weight)
-        if self.tp_size > 1:
-            out = tensor_model_parallel_all_reduce(out)
-        return out
+        router_logits, _ = self.router_gate(hidden_states)
+        weights, ids = route(router_logits, self.num_keys, self.top_k, self.norm_topk_prob)
+        routed = routed_experts(hidden_states, weights, ids, self.down_embed.weight, self.up_embed.weight)
+        return super().forward(hidden_states) + routed
