@@ -179,11 +179,18 @@ class _Fields:
 
 
 def _shape(f: _Fields) -> dict:
-    """The dimensions both formats spell alike, checked."""
-    shape = {name: f.positive(name) for name in ("vocab_size", "hidden_size", "intermediate_size",
-                                                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
-    heads = shape["num_attention_heads"]
-    f.need(heads % shape["num_key_value_heads"] == 0, "num_key_value_heads", f"a divisor of num_attention_heads ({heads})")
+    """The DogeSpec fields both formats spell alike, checked."""
+    shape = dict(
+        vocab_size=f.positive("vocab_size"),
+        hidden_size=f.positive("hidden_size"),
+        intermediate_size=f.positive("intermediate_size"),
+        num_layers=f.positive("num_hidden_layers"),
+        num_heads=f.positive("num_attention_heads"),
+        num_kv_heads=f.positive("num_key_value_heads"),
+        max_position_embeddings=f.positive("max_position_embeddings"),
+    )
+    heads = shape["num_heads"]
+    f.need(heads % shape["num_kv_heads"] == 0, "num_key_value_heads", f"a divisor of num_attention_heads ({heads})")
     if f["head_dim"] is None:
         f.need(shape["hidden_size"] % heads == 0, "hidden_size",
                f"a multiple of num_attention_heads ({heads}), or an explicit `head_dim`")
@@ -192,8 +199,8 @@ def _shape(f: _Fields) -> dict:
         head_dim = f.positive("head_dim")
     f.need(head_dim % 2 == 0, "head_dim", "an even head size (RoPE rotates pairs)")
     f.need(f["hidden_act"] in ACTIVATIONS, "hidden_act", f"one of {ACTIVATIONS}")
-    f.positive("max_position_embeddings")
-    return dict(shape, head_dim=head_dim)
+    return dict(shape, head_dim=head_dim, hidden_act=f["hidden_act"], rms_norm_eps=float(f["rms_norm_eps"]),
+                tie_word_embeddings=bool(f["tie_word_embeddings"]))
 
 
 def _experts(f: _Fields, router_bias: bool) -> Experts | None:
@@ -219,26 +226,16 @@ def _transformers_spec(fields: Mapping) -> DogeSpec:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     f.need(rope_type in ROPE_TYPES, "rope_parameters", f"rope_type in {ROPE_TYPES}, got {rope_type!r}")
     return DogeSpec(
+        **shape,
         legacy=False,
-        vocab_size=shape["vocab_size"],
-        hidden_size=shape["hidden_size"],
-        intermediate_size=shape["intermediate_size"],
-        num_layers=shape["num_hidden_layers"],
-        num_heads=shape["num_attention_heads"],
-        num_kv_heads=shape["num_key_value_heads"],
-        head_dim=shape["head_dim"],
         masks_per_kv_head=1,
         qk_norm=True,
         attention_bias=bool(f["attention_bias"]),
         mlp_bias=bool(f["mlp_bias"]),
-        hidden_act=f["hidden_act"],
-        rms_norm_eps=float(f["rms_norm_eps"]),
         keep_window=keep,
         context_limit=None,
         sliding_window=window,
         rope={**rope, "rope_type": rope_type},
-        max_position_embeddings=f["max_position_embeddings"],
-        tie_word_embeddings=bool(f["tie_word_embeddings"]),
         experts=_experts(f, router_bias=False),
     )
 
@@ -273,26 +270,16 @@ def _legacy_spec(fields: Mapping, tensor_names: set[str] | None) -> DogeSpec:
     if tensor_names is not None:
         router_bias = _check_legacy_names(merged, tensor_names)
     return DogeSpec(
+        **shape,
         legacy=True,
-        vocab_size=shape["vocab_size"],
-        hidden_size=shape["hidden_size"],
-        intermediate_size=shape["intermediate_size"],
-        num_layers=shape["num_hidden_layers"],
-        num_heads=shape["num_attention_heads"],
-        num_kv_heads=shape["num_key_value_heads"],
-        head_dim=shape["head_dim"],
-        masks_per_kv_head=shape["num_attention_heads"] // shape["num_key_value_heads"],
+        masks_per_kv_head=shape["num_heads"] // shape["num_kv_heads"],
         qk_norm=False,
         attention_bias=bool(f["hidden_bias"]),
         mlp_bias=bool(f["hidden_bias"]),
-        hidden_act=f["hidden_act"],
-        rms_norm_eps=float(f["rms_norm_eps"]),
         keep_window=None,
         context_limit=keep,
         sliding_window=None,
         rope=rope,
-        max_position_embeddings=f["max_position_embeddings"],
-        tie_word_embeddings=bool(f["tie_word_embeddings"]),
         experts=_experts(f, router_bias),
         dynamic_mask_ratio=float(ratio),
     )
