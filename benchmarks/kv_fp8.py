@@ -1,6 +1,6 @@
 """How much an fp8 KV cache hurts Doge, compared with the same fp8 setting on a Qwen3 of the same shape.
 
-    cd /work/main && .venv/bin/python -m benchmarks.kv_fp8 [--prompts 16 --prompt-len 64 --max-tokens 128]
+    python -m benchmarks.kv_fp8 [--prompts 16 --prompt-len 64 --max-tokens 128]
 
 Doge folds its per-key bias b = exp(A·softplus(dt_proj(v))) into an extra channel of the cached key
 (design §3): k' = [k, b, 0…], q' = [q, 1/scale, 0…]. With an fp8 KV cache that channel is stored in fp8

@@ -189,8 +189,24 @@ PRESETS = {
 FULL_PRESETS = ["doge-20m", "doge-60m", "doge-20m-moe", "doge-20m-long-decode", "doge-20m-long-prefill"]
 QUICK_PRESETS = ["doge-20m", "doge-20m-long-decode"]
 DTYPES = ["bfloat16", "float32"]
-# --quick: one dtype (each dtype doubles the engine starts, and a compiled start takes 1-2 min here)
-QUICK_DTYPES = ["bfloat16"]
+
+
+def native_bf16() -> str | None:
+    """The CPU flag that makes bf16 native here (AMX or AVX-512 bf16), or None."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
+
+
+def default_dtypes(quick: bool) -> tuple[list[str], str]:
+    """bf16 first where it is native (what a user serves with there), fp32 as well; --quick runs one dtype
+    (each dtype doubles the engine starts, and a compiled start takes 1-2 min here)."""
+    flag = native_bf16()
+    dtypes = DTYPES if flag else DTYPES[::-1]
+    why = f"bfloat16 first: this CPU has native bf16 ({flag})" if flag else "float32 first: no native bf16 on this CPU"
+    return dtypes[:1] if quick else dtypes, why
 
 RATIOS = {  # ratio key -> (numerator, denominator): output tokens/s, paired per repetition
     "doge_over_qwen3": ("doge", "qwen3"),
@@ -695,14 +711,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--quick", action="store_true",
-        help=f"smoke run: smaller workloads, 1 round x 2 reps, presets {QUICK_PRESETS}, dtype {QUICK_DTYPES}",
+        help=f"smoke run: smaller workloads, 1 round x 2 reps, presets {QUICK_PRESETS}, one dtype",
     )  # fmt: skip
     parser.add_argument("--presets", default=None, help=f"comma-separated, from {list(PRESETS)}")
     parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
     parser.add_argument(
         "--dtypes", default=None,
         help=f"comma-separated, from {DTYPES} (weights and KV cache; checkpoints are fp32 on disk, the engines cast "
-        f"them); default {','.join(DTYPES)}, with --quick {QUICK_DTYPES[0]}",
+        "them); default both, bfloat16 first where the CPU has native bf16 (with --quick only the first)",
     )  # fmt: skip
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per system and round (default 3; 2 quick)")
     parser.add_argument(
@@ -735,7 +751,11 @@ def main(argv=None) -> None:
         QUICK_PRESETS if args.quick else FULL_PRESETS
     )  # fmt: skip
     modes = parse_list(args.modes, ["eager", "compiled"], "modes")
-    dtypes = parse_list(args.dtypes or ",".join(QUICK_DTYPES if args.quick else DTYPES), DTYPES, "dtypes")
+    if args.dtypes:
+        dtypes = parse_list(args.dtypes, DTYPES, "dtypes")
+    else:
+        dtypes, why = default_dtypes(args.quick)
+        print(f"# dtypes {','.join(dtypes)} ({why})", flush=True)
     reps = args.reps if args.reps is not None else (2 if args.quick else 3)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
     workloads = WORKLOADS["quick" if args.quick else "full"]
@@ -757,6 +777,7 @@ def main(argv=None) -> None:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
+            "native_bf16": native_bf16(),
             "load_average_at_start": os.getloadavg(),
             "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
             "dtypes": dtypes,

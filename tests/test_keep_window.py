@@ -336,11 +336,16 @@ def test_positions_exact_and_dead_bias_gives_weight_zero(dtype):
     positions = torch.tensor([0, 1, 255, 256, 4095, 65535])
     assert torch.equal(decode_positions(encode_positions(positions, 2, dtype)), positions)
     assert position_digits(256) == 1 and position_digits(257) == 2 and position_digits(65537) == 3
-    # The dead bias times 1/scale (head size up to 4096) stays finite; its softmax weight is exactly 0.
+    # The dead bias times 1/scale (head size up to 4096) stays finite, and its fp32 softmax weight is
+    # exactly 0 in the worst case dead_bias's docstring allows: the dead key's content score at +459 and
+    # every live key's at -459 (bias ~0); at +470 / -470 (fp16) the weight would no longer be 0.
     dead = torch.tensor(dead_bias(dtype), dtype=dtype)
     assert torch.isfinite(dead * torch.tensor(4096**0.5, dtype=dtype))
-    scores = torch.tensor([float(dead), 0.0, -30.0], dtype=torch.float32)
-    assert scores.softmax(0)[0] == 0
+    worst = torch.tensor([float(dead) + 459.0, -459.0, -459.0], dtype=torch.float32)
+    assert worst.softmax(0)[0] == 0
+    if dtype == torch.float16:
+        beyond = torch.tensor([float(dead) + 470.0, -470.0], dtype=torch.float32)
+        assert beyond.softmax(0)[0] > 0  # the bound is tight enough to matter
 
 
 def test_keep_window_binds():

@@ -99,7 +99,13 @@ def stored_order(channels: torch.Tensor) -> torch.Tensor:
 
 def dead_bias(dtype: torch.dtype) -> float:
     """The bias of a dead slot: finite even after the fold's ×1/scale (up to head size 4096), so the
-    zero channels of other heads give 0·bias = 0, not NaN; its score's exp() is exactly 0."""
+    zero channels of other heads give 0·bias = 0, not NaN.
+
+    Its softmax weight is exactly 0: the kernels take the softmax in fp32, where exp(x) rounds to 0 below
+    x = ln 2^-150 ≈ -103.97, and the dead score is bias + c_dead while the best live score is at least
+    c_live (live biases are > 0), with c = q·k/√d the content part. fp32 and bf16: bias ≈ -5.3e36. fp16,
+    the smallest range: bias = -65504/64 = -1023.5, so the weight is 0 while |c| < (1023.5 - 103.97) / 2
+    ≈ 459 for every key: q/k-normed content scores of a trained model are orders of magnitude below."""
     return -torch.finfo(dtype).max / 64
 
 
