@@ -66,6 +66,9 @@ LEGACY_DEFAULTS = dict(
     num_experts_per_tok=8,
     norm_topk_prob=False,
     expert_index="gather",
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
 )
 
 
