@@ -239,8 +239,28 @@ def test_served_runtime_loading(client, server, adapters, references, tmp_path):
     answer = requests.post(load, json={"lora_name": "big", "lora_path": adapters["rank16"][0]}, timeout=60)
     assert answer.status_code >= 400 and "max_lora_rank" in answer.text, answer.text
     answer = requests.post(load, json={"lora_name": "gone", "lora_path": str(tmp_path / "gone")}, timeout=60)
-    assert answer.status_code >= 400 and "gone" in answer.text, answer.text
+    assert answer.status_code == 404 and "gone" in answer.text, answer.text
     answer = requests.post(load, json={"lora_name": "qvd", "lora_path": adapters["qvd"][0]}, timeout=60)
     assert answer.status_code == 200, answer.text
     check_served(client, "qvd", references["qvd"], "runtime-loaded adapter")
     check_served(client, "all", references["all"], "static adapter after bad loads")
+
+
+@pytest.mark.slow
+def test_tensor_parallel_replicated_kv_head(checkpoints, tmp_path, monkeypatch):
+    """TP=2 over ONE kv head (replicated on both ranks): each rank all-gathers the adapted v for dt_proj
+    and keeps one copy of the head."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per worker
+    path = checkpoints("dense-gqa", num_key_value_heads=1)
+    adapter, merged = build_adapter(path, tmp_path, ["q_proj", "v_proj", "o_proj"], seed=8, a_std=STD, b_std=STD)
+    reference = reference_greedy(merged, PROMPTS, MAX_TOKENS)
+    with engine(path, tensor_parallel_size=2, **LORA) as llm:
+        got = vllm_greedy(llm, PROMPTS, MAX_TOKENS, lora_request=lora_at(adapter))
+    check_greedy_parity(reference, got, name="tp2 lora")
+
+
+def lora_at(path: str):
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest("tp", 1, path)
