@@ -34,7 +34,7 @@ def demo_adapter(checkpoint: str, out: pathlib.Path, seed: int, targets: list[st
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     model.save_pretrained(out)
     return str(out)
 
