@@ -45,8 +45,8 @@ def _key(kind: str, fields: dict, seed: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _build_atomically(target: pathlib.Path, write) -> pathlib.Path:
-    if (target / "config.json").is_file():
+def _build_atomically(target: pathlib.Path, write, marker: str = "config.json") -> pathlib.Path:
+    if (target / marker).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
@@ -54,7 +54,7 @@ def _build_atomically(target: pathlib.Path, write) -> pathlib.Path:
         write(tmp)
         tmp.rename(target)
     except OSError:
-        if not (target / "config.json").is_file():
+        if not (target / marker).is_file():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,6 +77,43 @@ def doge_checkpoint(name: str, fields: dict, seed: int = 0) -> pathlib.Path:
         write_checkpoint(model.eval(), tokenizer, out, dtype=torch.float32)
 
     return _build_atomically(cache_dir() / f"{name}-{_key('doge', fields, seed)}", write)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_adapter(doge_dir: pathlib.Path, rank: int = 8, seed: int = 0) -> pathlib.Path:
+    """A LoRA adapter of a Doge checkpoint in PEFT's `save_pretrained` layout (adapter_config.json and
+    adapter_model.safetensors) on every linear layer of attention and MLP, with random A and B."""
+    config = json.loads((pathlib.Path(doge_dir) / "config.json").read_text())
+
+    def write(out: pathlib.Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        hidden, inter = config["hidden_size"], config["intermediate_size"]
+        d = config.get("head_dim") or hidden // config["num_attention_heads"]
+        q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+        shapes = {  # (in, out) of each target, and the block holding it
+            "q_proj": (hidden, q, "self_attn"), "k_proj": (hidden, kv, "self_attn"),
+            "v_proj": (hidden, kv, "self_attn"), "o_proj": (q, hidden, "self_attn"),
+            "gate_proj": (hidden, inter, "mlp"), "up_proj": (hidden, inter, "mlp"), "down_proj": (inter, hidden, "mlp"),
+        }  # fmt: skip
+        generator = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for layer in range(config["num_hidden_layers"]):
+            for target in LORA_TARGETS:
+                n_in, n_out, block = shapes[target]
+                name = f"base_model.model.model.layers.{layer}.{block}.{target}"
+                tensors[f"{name}.lora_A.weight"] = torch.randn(rank, n_in, generator=generator) * n_in**-0.5
+                tensors[f"{name}.lora_B.weight"] = torch.randn(n_out, rank, generator=generator) * 0.1
+        save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+        adapter_config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LORA_TARGETS),
+                          "bias": "none", "base_model_name_or_path": str(doge_dir), "task_type": "CAUSAL_LM"}  # fmt: skip
+        (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+
+    key = _key("lora", {"base": pathlib.Path(doge_dir).name, "rank": rank}, seed)
+    return _build_atomically(cache_dir() / f"lora-{key}", write, marker="adapter_config.json")
 
 
 def qwen3_fields(doge_dir: pathlib.Path) -> dict:

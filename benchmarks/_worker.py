@@ -89,6 +89,13 @@ class VllmSystem:
         )
         if args.max_model_len:
             options["max_model_len"] = args.max_model_len
+        self.lora_request = None
+        if args.lora:  # every request runs with this one adapter
+            from vllm.lora.request import LoRARequest
+
+            rank = json.loads((Path(args.lora) / "adapter_config.json").read_text())["r"]
+            options.update(enable_lora=True, max_lora_rank=max(rank, 8), max_loras=1)
+            self.lora_request = LoRARequest("bench", 1, args.lora)
         start = time.perf_counter()
         self.llm = LLM(**options)
         self.start_s = time.perf_counter() - start
@@ -161,7 +168,7 @@ class VllmSystem:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
         inputs = [{"prompt_token_ids": p} for p in prompts]
         start, cpu_start = time.perf_counter(), time.process_time()
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.lora_request)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
         first = list(outputs[0].outputs[0].token_ids[:8])
@@ -342,6 +349,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and KV cache")
     parser.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len (default: the model's)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="enable_prefix_caching=False")
+    parser.add_argument("--lora", default=None, metavar="DIR", help="enable LoRA; every request uses this adapter")
     args = parser.parse_args()
 
     reply = _Reply()

@@ -6,6 +6,7 @@
     python -m benchmarks.throughput --presets doge-20m,doge-20m-moe --modes eager --dtypes float32 --reps 3
     python -m benchmarks.throughput --presets doge-20m-long-decode,doge-20m-long-prefill --modes compiled
     python -m benchmarks.throughput --presets doge-20m --systems doge,qwen3 --doge-alt /tmp/copy  # A/B a change
+    python -m benchmarks.throughput --presets doge-20m --systems doge --lora --modes eager --dtypes float32  # LoRA cost
     python -m benchmarks.throughput --report latest      # re-print the table and redraw the chart from JSON
 
 For each shape preset, on one workload (N requests of L random prompt token ids, M generated tokens,
@@ -20,6 +21,8 @@ alternation, each repetition in a rotated order, and medians are reported:
     dense     (CDMoE preset) vllm_doge on the same model without experts (is_moe false)
     doge_alt  (only with --doge-alt DIR) vllm_doge imported from DIR (a modified copy), same checkpoint:
               A/B-tests an optimisation against `doge` in the same alternation (ratio alt_over_doge)
+    lora      (only with --lora) vllm_doge with LoRA enabled, every request with one rank-8 adapter on
+              q/k/v/o/gate/up/down (benchmarks._checkpoints.lora_adapter; ratio lora_over_doge)
 
 Presets: doge-20m, doge-60m (Doge-20M/60M shapes), doge-20m-moe (CDMoE), and two long-context presets
 on the Doge-20M shape with keep_window_size W = 256 < max_model_len = prompt + generated, where the
@@ -82,7 +85,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks._checkpoints import cache_dir, config_summary, doge_checkpoint, qwen3_checkpoint
+from benchmarks._checkpoints import cache_dir, config_summary, doge_checkpoint, lora_adapter, qwen3_checkpoint
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -214,6 +217,7 @@ RATIOS = {  # ratio key -> (numerator, denominator): output tokens/s, paired per
     "doge_over_hf": ("doge", "hf"),
     "moe_over_dense": ("doge", "dense"),
     "alt_over_doge": ("doge_alt", "doge"),
+    "lora_over_doge": ("lora", "doge"),
 }
 LABELS = {
     "doge": "vllm_doge",
@@ -222,6 +226,7 @@ LABELS = {
     "hf": "transformers generate",
     "dense": "vllm_doge, no experts",
     "doge_alt": "vllm_doge (--doge-alt copy)",
+    "lora": "vllm_doge + one LoRA adapter",
 }
 
 
@@ -230,16 +235,17 @@ class Checkpoints:
     doge: Path
     qwen3: Path
     dense: Path | None = None
+    lora: Path | None = None  # a LoRA adapter of `doge` (the lora system)
 
 
-def build_checkpoints(name: str, preset: Preset) -> Checkpoints:
+def build_checkpoints(name: str, preset: Preset, lora: bool = False) -> Checkpoints:
     doge = doge_checkpoint(name, preset.doge)
     dense = None
     if "dense" in preset.systems:
         fields = {k: v for k, v in preset.doge.items() if k not in CDMOE}
         dense = doge_checkpoint(name + "-dense", fields)
     qwen3 = qwen3_checkpoint(name + "-qwen3", dense or doge)
-    return Checkpoints(doge, qwen3, dense)
+    return Checkpoints(doge, qwen3, dense, lora_adapter(doge) if lora else None)
 
 
 def max_model_len(preset: Preset, workload: Workload) -> int | None:
@@ -253,12 +259,14 @@ def worker_argv(system: str, mode: str, ckpts: Checkpoints, preset: Preset, dtyp
     if system == "hf":
         return base + ["--system", "hf", "--model", str(ckpts.doge)]
     model = {"doge": ckpts.doge, "doge_alt": ckpts.doge, "fallback": ckpts.doge, "qwen3": ckpts.qwen3,
-             "dense": ckpts.dense}[system]  # fmt: skip
+             "dense": ckpts.dense, "lora": ckpts.doge}[system]  # fmt: skip
     impl = "transformers" if system == "fallback" else "auto"
     argv = base + ["--system", "vllm", "--model", str(model), "--mode", mode, "--impl", impl]
     length = workload and max_model_len(preset, workload)
     if length:
         argv += ["--max-model-len", str(length)]
+    if system == "lora":
+        argv += ["--lora", str(ckpts.lora)]
     return argv if preset.prefix_caching else argv + ["--no-prefix-caching"]
 
 
@@ -489,7 +497,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
     if ref:
         group["first_tokens_match_hf"] = {}
         for system, record in group["systems"].items():
-            if system in ("hf", "qwen3", "dense"):  # qwen3 and dense are other models
+            if system in ("hf", "qwen3", "dense", "lora"):  # other models (lora: the adapted one)
                 continue
             same = [ref[i] == t for i, t in zip(record["rep_ids"], record["first_tokens"]) if i in ref]
             group["first_tokens_match_hf"][system] = sum(same) / len(same) if same else None
@@ -594,7 +602,7 @@ def markdown_table(results: dict, modes: list[str]) -> str:
     entries = {n: dtype_entries(p) for n, p in results.items() if not n.startswith("_")}
     groups = [g for per in entries.values() for d in per.values() for g in d["modes"].values()]
     present = {s for g in groups for s in g["systems"]}
-    systems = [s for s in ["doge", "doge_alt", "qwen3", "fallback", "hf", "dense"] if s in present]
+    systems = [s for s in ["doge", "doge_alt", "lora", "qwen3", "fallback", "hf", "dense"] if s in present]
     ratio_keys = [k for k in RATIOS if any(k in g["ratios"] for g in groups)]
     kv = any(g.get("kv_probe") for g in groups)
     kv_systems = [s for s in ("doge", "qwen3") if any(s in g.get("kv_probe", {}) for g in groups)] if kv else []
@@ -647,8 +655,8 @@ def plot(results: dict, modes: list[str], path: Path) -> bool:
         print("matplotlib is not installed: no chart (pip install matplotlib, or the project's bench extra)")
         return False
     names = [n for n in results if not n.startswith("_")]
-    systems = ["doge", "doge_alt", "dense", "qwen3", "fallback", "hf"]
-    colors = {"doge": "#d62728", "doge_alt": "#9467bd", "dense": "#ff9896", "qwen3": "#1f77b4", "fallback": "#2ca02c",
+    systems = ["doge", "doge_alt", "lora", "dense", "qwen3", "fallback", "hf"]
+    colors = {"doge": "#d62728", "doge_alt": "#9467bd", "lora": "#8c564b", "dense": "#ff9896", "qwen3": "#1f77b4", "fallback": "#2ca02c",
               "hf": "#7f7f7f"}  # fmt: skip
     cols = min(2, len(names))
     rows = math.ceil(len(names) / cols)
@@ -734,6 +742,7 @@ def main(argv=None) -> None:
     )  # fmt: skip
     parser.add_argument("--systems", default=None, help="comma-separated subset of each preset's systems")
     parser.add_argument("--doge-alt", default=None, metavar="DIR", help="also time vllm_doge imported from DIR")
+    parser.add_argument("--lora", action="store_true", help="also time vllm_doge serving one LoRA adapter (system lora)")
     parser.add_argument("--start-timeout", type=float, default=1800.0, help="seconds for one engine start")
     parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds for one timed run")
     parser.add_argument("--report", default=None, metavar="NAME", help="only re-render results/NAME.json (table, chart)")
@@ -811,7 +820,7 @@ def main(argv=None) -> None:
         preset = PRESETS[name]
         workload = workloads[preset.workload]
         print(f"\n## {name}: {preset.note}; workload {workload.describe()}", flush=True)
-        ckpts = build_checkpoints(name, preset)
+        ckpts = build_checkpoints(name, preset, lora=args.lora)
         entry = {
             "note": preset.note,
             "workload": {**workload.__dict__, "describe": workload.describe()},
@@ -825,6 +834,8 @@ def main(argv=None) -> None:
         systems = [s for s in preset.systems if not only or s in only]
         if args.doge_alt:
             systems.insert(1, "doge_alt")
+        if args.lora:
+            systems.insert(1, "lora")
         alt = args.doge_alt and str(Path(args.doge_alt).resolve())
         for dtype_index, dtype in enumerate(dtypes):
             per = {"modes": {}}

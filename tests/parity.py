@@ -39,11 +39,14 @@ def reference_greedy(
     return samples
 
 
-def vllm_greedy(llm, prompts: list[list[int]], max_tokens: int, top: int = 5) -> list[Sample]:
+def vllm_greedy(llm, prompts: list[list[int]], max_tokens: int, top: int = 5, lora_request=None) -> list[Sample]:
+    """`lora_request`: one LoRARequest for all prompts, or one per prompt (None: the base model)."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=top)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora_request
+    )
     samples = []
     for out in outputs:
         completion = out.outputs[0]

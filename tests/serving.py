@@ -17,11 +17,11 @@ SERVE_FLAGS = ["--gpu-memory-utilization", "0.3", "--dtype", "float32"]
 READY_TIMEOUT_S = 420.0  # a cold torch.compile on 2 busy cores can take minutes
 
 
-def launch(model: str, max_model_len: int, finalizer, log_path) -> VllmServer:
+def launch(model: str, max_model_len: int, finalizer, log_path, args=(), env=None) -> VllmServer:
     """Start `vllm serve model` (non-blocking), its output in `log_path` (under pytest's tmp dir, which
     pytest prunes); `finalizer(server.stop)` is registered before the start, so the server is stopped
-    whatever happens next."""
-    server = VllmServer(model, max_model_len=max_model_len, args=SERVE_FLAGS, log_path=log_path)
+    whatever happens next. `args` and `env` add flags and environment variables (e.g. for LoRA)."""
+    server = VllmServer(model, max_model_len=max_model_len, args=[*SERVE_FLAGS, *args], env=env, log_path=log_path)
     finalizer(server.stop)
     server.start()
     return server

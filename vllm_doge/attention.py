@@ -15,13 +15,21 @@ channels (one per head of its group), and q' of head h puts 1/scale in channel d
 dt_proj reads the value vector of *all* kv heads. With `dt_proj(v) = W_dt (W_v h + b_v) + b_dt`, the
 loader folds W_dt·W_v into one [mask rows, hidden] projection of h, which is replicated at the attention
 input: each tensor-parallel rank computes its own kv heads' bias with no all-gather.
+
+With LoRA enabled the fold would be wrong: an adapter on v_proj changes v, and the bias must read the
+adapted v (vLLM adds the adapter's delta inside qkv_proj). dt_proj then stays unfolded and reads the v
+slice of qkv_proj's output; under tensor parallelism each rank all-gathers the v of every kv head.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.config import CacheConfig, get_current_vllm_config
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_gather,
+)
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -71,6 +79,7 @@ class DogeAttention(nn.Module):
                 f"Doge: tensor_parallel_size {tp_size} must divide num_attention_heads ({self.total_num_heads}) "
                 f"and divide or be a multiple of num_key_value_heads ({self.total_num_kv_heads})."
             )
+        self.tp_size = tp_size
         self.num_heads = self.total_num_heads // tp_size
         self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
         self.head_dim = spec.head_dim
@@ -110,15 +119,18 @@ class DogeAttention(nn.Module):
             rope = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
         self.rotary_emb = get_rope(self.head_dim, max_position=spec.max_position_embeddings, rope_parameters=rope)
 
-        # Dynamic mask: A and the folded dt projection (W_dt·W_v, see the module docstring) of this
-        # rank's mask rows. Filled by `fold_dt_proj` after the checkpoint's dt_proj/v_proj are read.
+        # Dynamic mask: A and the dt projection of this rank's mask rows, filled by `fold_dt_proj` after
+        # the checkpoint's dt_proj/v_proj are read: folded (W_dt·W_v, a projection of h), or with LoRA
+        # enabled dt_proj itself (a projection of all kv heads' v, see the module docstring).
+        vllm_config = get_current_vllm_config()
+        self.unfolded = vllm_config.lora_config is not None
         self.A = nn.Parameter(torch.zeros(self.mask_rows), requires_grad=False)
         self.A.weight_loader = lambda param, loaded: param.data.copy_(loaded[self._mask_rows(loaded.shape[0])])
         dtype = torch.get_default_dtype()
-        self.dt_weight = nn.Parameter(torch.empty(self.mask_rows, hidden, dtype=dtype), requires_grad=False)
+        dt_inputs = self.total_num_kv_heads * self.head_dim if self.unfolded else hidden
+        self.dt_weight = nn.Parameter(torch.empty(self.mask_rows, dt_inputs, dtype=dtype), requires_grad=False)
         self.dt_bias = nn.Parameter(torch.zeros(self.mask_rows, dtype=dtype), requires_grad=False)
 
-        vllm_config = get_current_vllm_config()
         kv_cache_dtype = cache_config.cache_dtype if cache_config is not None else None
         sliding_window = spec.sliding_window
         # Beyond keep_window_size keys each query keeps only its top keys by bias: the layer is then a
@@ -147,6 +159,14 @@ class DogeAttention(nn.Module):
         )
         if self.keep_window:
             self._check_keep_window_backend(kv_cache_dtype)
+            if self.unfolded:
+                # The keep window's tie rule needs a token's bias to get the same bits in any batch; with
+                # LoRA the bias reads v from vLLM's qkv GEMM and adapter kernels, which do not promise that.
+                raise ValueError(
+                    f"Doge: LoRA with keep_window_size {self.keep_window_size} < max_model_len is not supported "
+                    "(the kept keys would depend on rounding of the adapted values). Serve with "
+                    f"--max-model-len <= {self.keep_window_size}, or without --enable-lora."
+                )
 
     def _check_keep_window_backend(self, kv_cache_dtype: str | None) -> None:
         backend = self.attn.attn_backend.get_name()
@@ -175,16 +195,30 @@ class DogeAttention(nn.Module):
 
     @torch.no_grad()
     def fold_dt_proj(self, v_weight, v_bias, dt_weight, dt_bias) -> None:
-        """dt_proj(v_proj(h)) as one projection of h, computed in fp64 so folding adds no rounding."""
+        """dt_proj(v_proj(h)) as one projection of h, computed in fp64 so folding adds no rounding.
+        With LoRA enabled, this rank's rows of dt_proj as they are (v_proj's bias is then in v already)."""
         rows = self._mask_rows(dt_weight.shape[0])
         dt_rows = dt_weight[rows].double()
-        self.dt_weight.copy_(dt_rows @ v_weight.double())
         bias = torch.zeros(self.mask_rows, dtype=torch.float64)
-        if v_bias is not None:
-            bias += dt_rows @ v_bias.double()
+        if self.unfolded:
+            self.dt_weight.copy_(dt_rows)
+        else:
+            self.dt_weight.copy_(dt_rows @ v_weight.double())
+            if v_bias is not None:
+                bias += dt_rows @ v_bias.double()
         if dt_bias is not None:
             bias += dt_bias[rows].double()
         self.dt_bias.copy_(bias)
+
+    def _all_kv_values(self, v: torch.Tensor) -> torch.Tensor:
+        """[tokens, kv heads of this rank · d] -> [tokens, every kv head · d], in checkpoint order."""
+        if self.tp_size == 1:
+            return v
+        gathered = tensor_model_parallel_all_gather(v.contiguous(), dim=-1)
+        if self.tp_size > self.total_num_kv_heads:  # each kv head sits on tp / KV consecutive ranks
+            copies = self.tp_size // self.total_num_kv_heads
+            gathered = gathered.view(v.shape[0], self.tp_size, self.head_dim)[:, ::copies]
+        return gathered.reshape(v.shape[0], self.total_num_kv_heads * self.head_dim)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         tokens = hidden_states.shape[0]
@@ -198,7 +232,8 @@ class DogeAttention(nn.Module):
         # A token's bias must get the same bits in any batch, so that repeated tokens tie exactly in
         # layer 0 and the keep window's tie rule decides: a product and a sum per row, not a matrix
         # multiply, and softplus/exp in fp64 (their vectorised and scalar paths differ in the last bit).
-        dt = (hidden_states.unsqueeze(1) * self.dt_weight).sum(-1) + self.dt_bias
+        dt_input = self._all_kv_values(v) if self.unfolded else hidden_states
+        dt = (dt_input.unsqueeze(1) * self.dt_weight).sum(-1) + self.dt_bias
         bias = torch.exp(self.A.double() * F.softplus(dt.double()))
         pad = self.padded_head_size - self.head_dim
         bias = bias.view(tokens, self.num_kv_heads, self.bias_channels).to(k.dtype)

@@ -19,7 +19,7 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
@@ -36,6 +36,7 @@ from doge_format import LEGACY_RENAMES, DogeSpec, checked, expected_shapes
 from .attention import DogeAttention
 from .cdmoe import DogeCDMoE
 from .config import spec_of
+from .lora_cpu import exact_base_rows
 
 LEGACY_NAMES = WeightsMapper(orig_to_new_substr=LEGACY_RENAMES)
 
@@ -147,16 +148,34 @@ class DogeModel(nn.Module):
         return loaded
 
 
-class DogeForCausalLM(nn.Module, SupportsPP):
+class DogeForCausalLM(nn.Module, SupportsLoRA, SupportsPP):
+    """LoRA: vLLM wraps every linear layer (qkv_proj, o_proj, gate_up_proj, down_proj, CDMoE's
+    router_gate, whose output the routing reads, so an adapter there is applied exactly). dt_proj is
+    not a module of ours (DogeAttention reads it as a tensor) and the expert tables are not linear
+    layers: vLLM refuses adapters targeting them, naming the modules. Embeddings and lm_head take no
+    adapters (`embedding_modules` stays empty), so vLLM refuses those too."""
+
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
 
+    @property
+    def lora_manager(self):
+        return self.__dict__.get("_lora_manager")
+
+    @lora_manager.setter
+    def lora_manager(self, manager) -> None:
+        # vLLM attaches its LoRA manager here once its layers are wrapped: the one moment a model sees it.
+        exact_base_rows(manager)
+        self.__dict__["_lora_manager"] = manager
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         self.config = vllm_config.model_config.hf_config
         self.spec = spec = spec_of(self.config)
+        if spec.legacy:  # adapters trained on a legacy model name its modules the legacy way
+            self.hf_to_vllm_mapper = LEGACY_NAMES
         if spec.hidden_act != "silu":
             raise ValueError(f"Doge: `hidden_act` = {spec.hidden_act!r}; vLLM's fused SwiGLU serves 'silu' only")
         self.model = DogeModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
