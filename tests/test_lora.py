@@ -13,6 +13,7 @@ and one `vllm serve --enable-lora`, started first so that it boots while the off
 
 from __future__ import annotations
 
+import json
 import pathlib
 import random
 import shutil
@@ -20,6 +21,7 @@ import shutil
 import openai
 import pytest
 import requests
+from safetensors.torch import load_file, save_file
 
 from lora_adapters import DENSE_TARGETS, build_adapter
 from parity import check_greedy_parity, engine, error_chain, reference_greedy, vllm_greedy
@@ -109,7 +111,7 @@ def test_adapter_parity(llm, adapters, references, name):
 
 def test_two_adapters_and_base_in_one_batch(llm, adapters, references):
     """`all` and `qvd` fill both slots (the last one included) and base requests share their batch: vLLM
-    0.32's CPU ops would give the base rows the last slot's adapter (lora_cpu.py)."""
+    0.32's CPU ops would give the base rows the last slot's adapter (vllm_doge/lora.py)."""
     names = ["all", "qvd", "base"] * len(PROMPTS)
     prompts = [p for p in PROMPTS for _ in range(3)]
     requests_ = [None if n == "base" else lora(n, adapters, IDS[n]) for n in names]
@@ -129,6 +131,8 @@ def test_base_model_with_lora_enabled(llm, references):
         ("rank16", "LoRA rank 16 is greater than max_lora_rank 8"),
         ("missing-file", "doesn't contain tensors"),
         ("missing-dir", "Loading lora missing-dir failed: No adapter found for"),
+        ("rank-mismatch", "lora_A has shape (8, "),
+        ("narrow", "model.layers.0.self_attn.v_proj.lora_B has shape (16, 4), expected (32, 4)"),
     ],
 )
 def test_bad_adapter_refused_and_engine_keeps_serving(llm, adapters, references, tmp_path, name, expected):
@@ -140,6 +144,12 @@ def test_bad_adapter_refused_and_engine_keeps_serving(llm, adapters, references,
         shutil.copy(pathlib.Path(adapters["all"][0]) / "adapter_config.json", path)
     elif name == "missing-dir":
         path = tmp_path / "nowhere"
+    elif name == "rank-mismatch":  # config says r = 4, the tensors have rank 8
+        path = edited_adapter(adapters["all"][0], tmp_path / "adapter", config={"r": 4})
+    elif name == "narrow":  # v_proj's lora_B covers half of the layer's outputs
+        key = next(k for k in load_file(pathlib.Path(adapters["qvd"][0]) / "adapter_model.safetensors")
+                   if "layers.0.self_attn.v_proj.lora_B" in k)
+        path = edited_adapter(adapters["qvd"][0], tmp_path / "adapter", tensors={key: lambda t: t[: t.shape[0] // 2]})
     else:
         path = adapters[name][0]
     with pytest.raises(Exception) as error:
@@ -148,6 +158,19 @@ def test_bad_adapter_refused_and_engine_keeps_serving(llm, adapters, references,
     assert any(expected in line for line in chain), chain
     got = vllm_greedy(llm, PROMPTS[:1], MAX_TOKENS, lora_request=lora("all", adapters, IDS["all"]))
     check_greedy_parity(references["all"][:1], got, name="after a refused adapter")
+
+
+def edited_adapter(src: str, dst: pathlib.Path, config=None, tensors=None) -> pathlib.Path:
+    """A copy of a PEFT adapter with adapter_config.json fields replaced and tensors transformed."""
+    shutil.copytree(src, dst)
+    if config:
+        path = dst / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if tensors:
+        path = dst / "adapter_model.safetensors"
+        state = load_file(path)
+        save_file({k: tensors[k](v).contiguous() if k in tensors else v for k, v in state.items()}, path)
+    return dst
 
 
 def test_cdmoe_adapter_parity_with_router(checkpoints, adapters, references):
@@ -167,10 +190,10 @@ def test_cdmoe_adapter_parity_with_router(checkpoints, adapters, references):
 
 def test_faults_put_back_fail(dense, adapters, references, monkeypatch):
     """The checks above can fail: with dt_proj folded as without LoRA (the bias reads v before the
-    adapter) the v_proj adapter's tokens change, and without lora_cpu's fix a base request batched with
+    adapter) the v_proj adapter's tokens change, and without lora.py's fix a base request batched with
     an adapter in the last slot gets that adapter."""
     import vllm_doge.attention
-    import vllm_doge.model
+    import vllm_doge.lora
 
     real = vllm_doge.attention.get_current_vllm_config
 
@@ -179,7 +202,7 @@ def test_faults_put_back_fail(dense, adapters, references, monkeypatch):
             self.model_config, self.lora_config = config.model_config, None
 
     monkeypatch.setattr(vllm_doge.attention, "get_current_vllm_config", lambda: WithoutLora(real()))
-    monkeypatch.setattr(vllm_doge.model, "exact_base_rows", lambda manager: None)
+    monkeypatch.setattr(vllm_doge.lora, "exact_base_rows", lambda manager: None)
     with engine(dense, **LORA) as llm:
         folded = vllm_greedy(llm, PROMPTS, MAX_TOKENS, lora_request=lora("v", adapters, IDS["v"]))
         mixed = vllm_greedy(llm, PROMPTS * 2, MAX_TOKENS, lora_request=[lora("all", adapters, 1)] * 3 + [None] * 3)

@@ -36,7 +36,7 @@ from doge_format import LEGACY_RENAMES, DogeSpec, checked, expected_shapes
 from .attention import DogeAttention
 from .cdmoe import DogeCDMoE
 from .config import spec_of
-from .lora_cpu import exact_base_rows
+from . import lora
 
 LEGACY_NAMES = WeightsMapper(orig_to_new_substr=LEGACY_RENAMES)
 
@@ -167,7 +167,7 @@ class DogeForCausalLM(nn.Module, SupportsLoRA, SupportsPP):
     @lora_manager.setter
     def lora_manager(self, manager) -> None:
         # vLLM attaches its LoRA manager here once its layers are wrapped: the one moment a model sees it.
-        exact_base_rows(manager)
+        lora.attach(manager, self.spec)
         self.__dict__["_lora_manager"] = manager
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:

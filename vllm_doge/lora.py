@@ -1,0 +1,95 @@
+"""LoRA on vLLM 0.32: the two places where vLLM's own handling is not exact for Doge adapters.
+
+1. Base-model requests batched with LoRA requests on the CPU backend. vLLM gives a token without an
+   adapter the slot index -1. The GPU kernels skip such tokens, but the CPU wrapper's torch ops index the
+   stacked adapter weights with it, and `weights[-1]` is the LAST slot: a base-model request batched with
+   adapter requests gets that slot's adapter whenever it is occupied. After each shrink (x @ A, the first
+   half of every LoRA product) the rows of tokens with index -1 are set to zero, so the expand (@ B) adds
+   exactly 0 to them.
+2. Adapter shapes. vLLM zero-pads LoRA tensors narrower than their layer and takes a rank from
+   adapter_config.json that the tensors need not have: an adapter PEFT itself could not load is served as
+   something else. Each adapter is checked against the checkpoint's tensor shapes when it is added.
+
+Both are applied by `attach(manager, spec)`, which DogeForCausalLM calls when vLLM attaches its LoRA
+manager to the model (the one moment a model sees it). They touch vLLM's LoRA internals (the CPU wrapper's
+class and token_lora_indices, the manager's `_add_adapter` and LoRAModel's weights), so they are applied
+only to the vLLM versions they were tested with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from doge_format import DogeSpec, expected_shapes
+
+
+class DogeAdapterError(ValueError):
+    """A LoRA adapter whose tensors do not fit the model."""
+
+
+def _exact_base_class():
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    class ExactBasePunicaWrapperCPU(PunicaWrapperCPU):
+        """PunicaWrapperCPU whose tokens without an adapter (index -1) get no LoRA contribution."""
+
+        def add_shrink(self, y, x: torch.Tensor, lora_a_stacked, scale: float, **kwargs: Any) -> None:
+            super().add_shrink(y, x, lora_a_stacked, scale, **kwargs)
+            base = self.token_lora_indices < 0
+            for buffer in y:
+                buffer.view(-1, buffer.shape[-1])[: base.shape[0]][base] = 0
+
+    return PunicaWrapperCPU, ExactBasePunicaWrapperCPU
+
+
+def check_adapter(spec: DogeSpec, lora_model) -> None:
+    """Every adapted module must be a layer of the checkpoint, with lora_A [rank, inputs] and lora_B
+    [outputs, rank] for its weight [outputs, inputs] and the rank of adapter_config.json."""
+    shapes = expected_shapes(spec)
+    for name, weights in lora_model.loras.items():
+        weight = shapes.get(f"{name}.weight")
+        if weight is None or len(weight) != 2:
+            continue  # vLLM refuses modules it has no layer for, naming them
+        outputs, inputs = weight
+        rank = lora_model.rank
+        for part, tensor, want in (("lora_A", weights.lora_a, (rank, inputs)), ("lora_B", weights.lora_b, (outputs, rank))):
+            if tuple(tensor.shape) != want:
+                raise DogeAdapterError(
+                    f"Doge LoRA adapter {lora_model.id}: {name}.{part} has shape {tuple(tensor.shape)}, expected "
+                    f"{want} (rank {rank} from adapter_config.json, the layer's weight is {weight})"
+                )
+
+
+def exact_base_rows(manager) -> None:
+    """Fix 1 (see the module docstring) in every CPU punica wrapper of this LoRA manager."""
+    cpu_class, exact_class = _exact_base_class()
+    for wrapper in getattr(manager, "punica_wrapper_mapping", {}).values():
+        if type(wrapper) is cpu_class:  # GPU kernels skip index -1 themselves
+            wrapper.__class__ = exact_class  # same state, one overridden method
+
+
+def attach(manager, spec: DogeSpec) -> None:
+    """Apply both fixes to this model's LoRA manager (see the module docstring)."""
+    import vllm
+
+    from . import TESTED_VLLM
+
+    if not vllm.__version__.startswith(TESTED_VLLM):
+        from vllm.logger import init_logger
+
+        init_logger(__name__).warning(
+            "Doge: vLLM %s is untested: the LoRA fixes for vLLM 0.32 (base rows batched with adapters on CPU, "
+            "adapter shape checks) are not applied.",
+            vllm.__version__,
+        )
+        return
+    add_adapter = manager._add_adapter
+
+    def checked_add_adapter(lora_model) -> None:
+        check_adapter(spec, lora_model)
+        add_adapter(lora_model)
+
+    manager._add_adapter = checked_add_adapter
+    exact_base_rows(manager)
