@@ -245,8 +245,7 @@ def capture_doge_qkb(model_dir: Path, prompts: list[list[int]]):
     import torch
 
     from doge_hf import DogeForCausalLM
-    from doge_hf.attention import DogeAttention, key_bias, rowwise_linear
-    from doge_hf.layers import apply_rotary
+    from doge_hf.attention import DogeAttention, key_bias
 
     model = DogeForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     captured: list[dict] = []
@@ -255,13 +254,9 @@ def capture_doge_qkb(model_dir: Path, prompts: list[list[int]]):
         hidden = args[0] if args else kwargs["hidden_states"]
         cos_sin = args[1] if len(args) > 1 else kwargs["cos_sin"]
         b_, t, _ = hidden.shape
-        d = module.head_dim
-        q = module.q_norm(module.q_proj(hidden).view(b_, t, -1, d)).transpose(1, 2)
-        k = module.k_norm(module.k_proj(hidden).view(b_, t, -1, d)).transpose(1, 2)
-        v = rowwise_linear(hidden, module.v_proj).view(b_, t, -1, d).transpose(1, 2)
-        q, k = apply_rotary(q, k, *cos_sin)
+        q, k, v = module.project(hidden, cos_sin)
         bias = key_bias(v.transpose(1, 2).reshape(b_, t, -1), module.dt_proj, module.A)
-        captured.append({"q": q[0], "k": k[0], "b": bias[0], "scale": d**-0.5})
+        captured.append({"q": q[0], "k": k[0], "b": bias[0], "scale": module.head_dim**-0.5})
 
     handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in model.modules()
                if isinstance(m, DogeAttention)]  # fmt: skip

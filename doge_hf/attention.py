@@ -82,15 +82,21 @@ class DogeAttention(nn.Module):
         self.q_norm = RMSNorm(d, spec.rms_norm_eps)
         self.k_norm = RMSNorm(d, spec.rms_norm_eps)
 
-    def forward(self, hidden_states, cos_sin, past_len: int, attention_mask=None, past_key_values=None):
-        """hidden_states [b, q, hidden] follow `past_len` cached tokens; attention_mask [b, past_len + q]
-        (1 = real token, 0 = padding) as in transformers."""
+    def project(self, hidden_states, cos_sin):
+        """q, k (normed, rotated) and v of new tokens: [b, heads or kv heads, q, d]."""
         b, q_len, _ = hidden_states.shape
         d = self.head_dim
         q = self.q_norm(self.q_proj(hidden_states).view(b, q_len, -1, d)).transpose(1, 2)
         k = self.k_norm(self.k_proj(hidden_states).view(b, q_len, -1, d)).transpose(1, 2)
         v = rowwise_linear(hidden_states, self.v_proj).view(b, q_len, -1, d).transpose(1, 2)
-        q, k = apply_rotary(q, k, *cos_sin)
+        return (*apply_rotary(q, k, *cos_sin), v)
+
+    def forward(self, hidden_states, cos_sin, past_len: int, attention_mask=None, past_key_values=None):
+        """hidden_states [b, q, hidden] follow `past_len` cached tokens; attention_mask [b, past_len + q]
+        (1 = real token, 0 = padding) as in transformers."""
+        b, q_len, _ = hidden_states.shape
+        d = self.head_dim
+        q, k, v = self.project(hidden_states, cos_sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
