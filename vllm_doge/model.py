@@ -153,7 +153,8 @@ class DogeForCausalLM(nn.Module, SupportsLoRA, SupportsPP):
     router_gate, whose output the routing reads, so an adapter there is applied exactly). dt_proj is
     not a module of ours (DogeAttention reads it as a tensor) and the expert tables are not linear
     layers: vLLM refuses adapters targeting them, naming the modules. Embeddings and lm_head take no
-    adapters (`embedding_modules` stays empty), so vLLM refuses those too."""
+    adapters (`embedding_modules` stays empty), so vLLM refuses those too. lora.py checks each adapter's
+    shapes and keeps base-model rows exact in mixed batches on CPU."""
 
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
