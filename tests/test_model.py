@@ -46,7 +46,7 @@ DRIFT_TOKENS = 64
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("preset", ["dense-gqa", "dense-mha-tied", "moe"])
+@pytest.mark.parametrize("preset", ["dense-gqa", "moe"])  # dense-mha-tied in bf16: the drift test below
 def test_low_precision_parity(checkpoints, prompts, preset, dtype):
     """vLLM in bf16 / fp16 against doge_hf in the same dtype, judged like vLLM's check_logprobs_close."""
     path = checkpoints(preset)
