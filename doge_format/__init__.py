@@ -13,7 +13,6 @@ from .checkpoint import (
     expected_shapes,
     legacy_to_transformers_name,
     read_checkpoint,
-    safetensors_index,
 )
 from .spec import DogeConfigError, DogeSpec, Experts, describe, is_legacy
 
@@ -30,5 +29,4 @@ __all__ = [
     "is_legacy",
     "legacy_to_transformers_name",
     "read_checkpoint",
-    "safetensors_index",
 ]

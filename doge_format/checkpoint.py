@@ -51,14 +51,13 @@ def read_config(root: pathlib.Path) -> dict:
 
 def read_checkpoint(root, *, legacy: bool | None = None) -> DogeSpec:
     """The spec of a local checkpoint directory, from config.json and its tensor names (`legacy` forces
-    the format); the files are checked to be complete first. A legacy checkpoint that stores an lm_head while tied (tying is that
-    format's default) must store the embedding again, byte for byte."""
+    the format); the files are checked to be complete first. A legacy checkpoint that stores an lm_head
+    while tied (tying is that format's default) must store the embedding again, byte for byte."""
     root = pathlib.Path(root)
-    check_safetensors_files(root)
-    names = set(safetensors_index(root))
-    spec = describe(read_config(root), names, legacy=legacy)
-    if spec.legacy and spec.tie_word_embeddings and "lm_head.weight" in names:
-        if tensor_bytes(root, "lm_head.weight") != tensor_bytes(root, "model.word_embed.weight"):
+    index = check_safetensors_files(root)
+    spec = describe(read_config(root), set(index), legacy=legacy)
+    if spec.legacy and spec.tie_word_embeddings and "lm_head.weight" in index:
+        if _tensor_bytes(index["lm_head.weight"]) != _tensor_bytes(index["model.word_embed.weight"]):
             raise DogeConfigError(
                 "legacy Doge config: `tie_word_embeddings` is true (absent means true in this format) but the "
                 "checkpoint stores an lm_head.weight different from model.word_embed.weight; set the field explicitly"
@@ -140,32 +139,27 @@ def _header(file: pathlib.Path) -> tuple[int, dict]:
     return 8 + header_len, entries
 
 
-def safetensors_index(root) -> dict[str, pathlib.Path]:
-    """{tensor name: file} over the directory's safetensors files."""
-    index = {}
-    for file in sorted(pathlib.Path(root).glob("*.safetensors")):
-        index.update(dict.fromkeys(_header(file)[1], file))
-    return index
-
-
-def tensor_bytes(root, name: str) -> tuple[str, list[int], bytes]:
-    """(dtype, shape, raw bytes) of one tensor: enough to tell two tensors equal, bit for bit."""
-    file = safetensors_index(root)[name]
-    start, entries = _header(file)
-    entry = entries[name]
+def _tensor_bytes(located: tuple[pathlib.Path, int, dict]) -> tuple[str, list[int], bytes]:
+    """(dtype, shape, raw bytes) of one tensor of `check_safetensors_files`'s index: enough to tell two
+    tensors equal, bit for bit."""
+    file, start, entry = located
     begin, end = entry["data_offsets"]
     with open(file, "rb") as f:
         f.seek(start + begin)
         return entry["dtype"], entry["shape"], f.read(end - begin)
 
 
-def check_safetensors_files(root: pathlib.Path) -> None:
+def check_safetensors_files(root) -> dict[str, tuple[pathlib.Path, int, dict]]:
     """A local checkpoint must hold safetensors weights (pickled .bin files can run code when loaded), each
-    file as long as its header says: a truncated download otherwise fails deep in the loader."""
+    file as long as its header says: a truncated download otherwise fails deep in the loader. Returns
+    {tensor name: (file, where its file's data starts, header entry)}, each header read once."""
     root = pathlib.Path(root)
     files = sorted(root.glob("*.safetensors"))
     if not files:
         found = ", ".join(sorted(p.name for p in root.glob("*.bin"))) or "no weights at all"
         raise DogeCheckpointError(f"Doge checkpoint {root}: no *.safetensors file ({found}); only safetensors weights are loaded")
+    index = {}
     for file in files:
-        _header(file)
+        start, entries = _header(file)
+        index.update({name: (file, start, entry) for name, entry in entries.items()})
+    return index
