@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import spec_of
+from doge_format import DogeSpec
+
 from .layers import RMSNorm, apply_rotary
 
 
@@ -62,9 +63,8 @@ def dynamic_mask(bias: torch.Tensor, visible: torch.Tensor, keep_window_size: in
 
 
 class DogeAttention(nn.Module):
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, spec: DogeSpec, layer_idx: int):
         super().__init__()
-        spec = spec_of(config)
         self.layer_idx = layer_idx
         self.head_dim = spec.head_dim
         self.num_heads = spec.num_heads

@@ -32,7 +32,7 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from doge_format import DogeConfigError, read_checkpoint
+from doge_format import DogeConfigError, DogeSpec, read_checkpoint
 
 from .cdmoe import DogeCDMoE, DogeMLP
 from .configuration import LegacyDogeConfig, spec_of
@@ -42,9 +42,8 @@ from .layers import RMSNorm, rotate_half
 class LegacyRope(nn.Module):
     """cos/sin tables, with the dynamic-NTK state of the legacy code (it changes with the calls it has seen)."""
 
-    def __init__(self, config):
+    def __init__(self, spec: DogeSpec):
         super().__init__()
-        spec = spec_of(config)
         self.head_dim = spec.head_dim
         self.theta = spec.rope["rope_theta"]
         self.dynamic = spec.rope_type == "dynamic"
@@ -77,9 +76,8 @@ class LegacyRope(nn.Module):
 
 
 class LegacyDogeAttention(nn.Module):
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, spec: DogeSpec, layer_idx: int):
         super().__init__()
-        spec = spec_of(config)
         self.layer_idx = layer_idx
         self.head_dim = d = spec.head_dim
         self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
@@ -143,15 +141,15 @@ class LegacyResidual(nn.Module):
 
 
 class LegacyDogeDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, spec: DogeSpec, layer_idx: int):
         super().__init__()
-        self.pre_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LegacyDogeAttention(config, layer_idx)
-        self.pre_residual = LegacyResidual(config.hidden_size)
-        self.post_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        spec = spec_of(config)  # `hidden_bias` biases the feed-forward projections too (spec.mlp_bias)
+        self.pre_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = LegacyDogeAttention(spec, layer_idx)
+        self.pre_residual = LegacyResidual(spec.hidden_size)
+        self.post_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        # `hidden_bias` biases the feed-forward projections too (spec.mlp_bias)
         self.feed_forward = DogeCDMoE(spec) if spec.experts else DogeMLP(spec)
-        self.post_residual = LegacyResidual(config.hidden_size)
+        self.post_residual = LegacyResidual(spec.hidden_size)
 
     def forward(self, x, cos, sin, past_len, attention_mask, cache):
         x = self.pre_residual(x, self.self_attn(self.pre_layernorm(x), cos, sin, past_len, attention_mask, cache))
@@ -179,8 +177,9 @@ class LegacyDogeModel(LegacyDogePreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.word_embed = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.rotary_emb = LegacyRope(config)
-        self.layers = nn.ModuleList(LegacyDogeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        spec = spec_of(config)
+        self.rotary_emb = LegacyRope(spec)
+        self.layers = nn.ModuleList(LegacyDogeDecoderLayer(spec, i) for i in range(spec.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 

@@ -19,20 +19,21 @@ from transformers.modeling_outputs import (
 
 from .attention import DogeAttention
 from .cdmoe import DogeCDMoE, DogeMLP
+from doge_format import DogeSpec
+
 from .configuration import DogeConfig, spec_of
 from .layers import RMSNorm, RotaryEmbedding
 
 
 class DogeDecoderLayer(nn.Module):
-    def __init__(self, config: DogeConfig, layer_idx: int):
+    def __init__(self, spec: DogeSpec, layer_idx: int):
         super().__init__()
-        spec = spec_of(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DogeAttention(config, layer_idx)
-        self.input_residual = nn.Parameter(torch.ones(config.hidden_size))
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = DogeAttention(spec, layer_idx)
+        self.input_residual = nn.Parameter(torch.ones(spec.hidden_size))
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = DogeCDMoE(spec) if spec.experts else DogeMLP(spec)
-        self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_residual = nn.Parameter(torch.ones(spec.hidden_size))
 
     def forward(self, x, cos_sin, past_len, attention_mask, past_key_values):
         attn = self.self_attn(self.input_layernorm(x), cos_sin, past_len, attention_mask, past_key_values)
@@ -59,7 +60,8 @@ class DogeModel(DogePreTrainedModel):
     def __init__(self, config: DogeConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(DogeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        spec = spec_of(config)
+        self.layers = nn.ModuleList(DogeDecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.post_init()
