@@ -116,6 +116,12 @@ class VllmSystem:
         info["compilation_mode"] = str(vllm_config.compilation_config.mode)
         info["max_model_len"] = vllm_config.model_config.max_model_len
         info["async_scheduling"] = getattr(sched, "async_scheduling", None)
+        if isinstance(vllm_config.additional_config, dict) and "doge_attention" in vllm_config.additional_config:
+            info["attention_path"] = vllm_config.additional_config["doge_attention"]
+            if info["attention_path"] == "DOGE_ATTN":
+                from vllm_doge.backend import ops
+
+                info["attention_isa"] = ops.isa()
         kv = getattr(getattr(core, "scheduler", None), "kv_cache_config", None)
         if kv is not None:
             # Bytes one token occupies in the cache, summed over every attention layer, from the
@@ -350,7 +356,9 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len (default: the model's)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="enable_prefix_caching=False")
     parser.add_argument("--lora", default=None, metavar="DIR", help="enable LoRA; every request uses this adapter")
+    parser.add_argument("--attention", choices=["auto", "fold"], default="auto", help="vllm_doge's attention path (VLLM_DOGE_ATTENTION)")
     args = parser.parse_args()
+    os.environ["VLLM_DOGE_ATTENTION"] = args.attention
 
     reply = _Reply()
     try:

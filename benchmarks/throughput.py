@@ -14,7 +14,11 @@ greedy, EOS ignored), in each dtype of `--dtypes` (bfloat16 and float32 by defau
 cache; the checkpoints are fp32 on disk and the engines cast them), the systems are timed in
 alternation, each repetition in a rotated order, and medians are reported:
 
-    doge      vllm_doge (this plugin) on a Doge checkpoint with random non-trivial weights
+    doge      vllm_doge (this plugin) on a Doge checkpoint with random non-trivial weights (on CPU its own
+              attention backend, DOGE_ATTN, unless the keep window binds; `attention_path` in each
+              system's info says which path ran, `attention_isa` which kernels)
+    fold      vllm_doge forced onto the fold (VLLM_DOGE_ATTENTION=fold: the bias in a padded head on vLLM's
+              stock CPU backend), the path DOGE_ATTN replaces and the fallback where it cannot build
     qwen3     vLLM's native Qwen3ForCausalLM with identical dimensions: the engine's limit for this shape
     fallback  vLLM's Transformers fallback (model_impl="transformers") on the same Doge checkpoint
     hf        transformers' DogeForCausalLM.generate (one batch, KV cache) on the same checkpoint
@@ -124,11 +128,13 @@ class Workload:
 WORKLOADS = {
     "full": {
         "main": Workload(64, 128, 128),
+        "single": Workload(1, 128, 512),
         "long-decode": Workload(16, 2048, 512),
         "long-prefill": Workload(4, 4096, 64),
     },
     "quick": {
         "main": Workload(16, 64, 64),
+        "single": Workload(1, 64, 256),
         "long-decode": Workload(4, 768, 128),  # still past the keep window (256): the sparse path runs
         "long-prefill": Workload(2, 1024, 32),
     },
@@ -162,7 +168,14 @@ LONG_NOTE = (
 KV_TARGETS = (("kv_tokens_per_request_over_qwen3", "<=", "kv_window"), ("requests_per_kv_budget_over_qwen3", ">=", 4.0))
 
 PRESETS = {
-    "doge-20m": Preset(DOGE_20M, "main", ("doge", "qwen3", "fallback", "hf"), "Doge-20M shape"),
+    "doge-20m": Preset(
+        DOGE_20M, "main", ("doge", "fold", "qwen3", "fallback", "hf"), "Doge-20M shape",
+        targets=(("doge_over_qwen3", ">=", 1.0),),
+    ),
+    "doge-20m-single": Preset(
+        DOGE_20M, "single", ("doge", "fold", "qwen3"), "Doge-20M shape, one stream (what one chat user feels)",
+        targets=(("doge_over_qwen3", ">=", 1.0),),
+    ),
     "doge-60m": Preset(DOGE_60M, "main", ("doge", "qwen3", "fallback", "hf"), "Doge-60M shape"),
     "doge-20m-moe": Preset(
         {**DOGE_20M, **CDMOE},
@@ -189,7 +202,7 @@ PRESETS = {
         targets=(("doge_over_qwen3", ">=", 1.0), *KV_TARGETS),
     ),
 }
-FULL_PRESETS = ["doge-20m", "doge-60m", "doge-20m-moe", "doge-20m-long-decode", "doge-20m-long-prefill"]
+FULL_PRESETS = ["doge-20m", "doge-20m-single", "doge-60m", "doge-20m-moe", "doge-20m-long-decode", "doge-20m-long-prefill"]
 QUICK_PRESETS = ["doge-20m", "doge-20m-long-decode"]
 DTYPES = ["bfloat16", "float32"]
 
@@ -203,6 +216,15 @@ def native_bf16() -> str | None:
     return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
 
 
+def cpu_isa() -> list[str]:
+    """The vector ISA flags of this CPU that decide which kernels run (vLLM's and DOGE_ATTN's)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in ("amx_tile", "amx_bf16", "avx512f", "avx512_bf16", "avx512_fp16", "avx2") if f in flags]
+
+
 def default_dtypes(quick: bool) -> tuple[list[str], str]:
     """bf16 first where it is native (what a user serves with there), fp32 as well; --quick runs one dtype
     (each dtype doubles the engine starts, and a compiled start takes 1-2 min here)."""
@@ -213,6 +235,7 @@ def default_dtypes(quick: bool) -> tuple[list[str], str]:
 
 RATIOS = {  # ratio key -> (numerator, denominator): output tokens/s, paired per repetition
     "doge_over_qwen3": ("doge", "qwen3"),
+    "doge_over_fold": ("doge", "fold"),
     "doge_over_fallback": ("doge", "fallback"),
     "doge_over_hf": ("doge", "hf"),
     "moe_over_dense": ("doge", "dense"),
@@ -221,6 +244,7 @@ RATIOS = {  # ratio key -> (numerator, denominator): output tokens/s, paired per
 }
 LABELS = {
     "doge": "vllm_doge",
+    "fold": "vllm_doge, fold on the stock backend",
     "qwen3": "vLLM Qwen3 (same shape)",
     "fallback": "vLLM Transformers fallback",
     "hf": "transformers generate",
@@ -258,7 +282,7 @@ def worker_argv(system: str, mode: str, ckpts: Checkpoints, preset: Preset, dtyp
     base = [sys.executable, "-m", WORKER, "--dtype", dtype]
     if system == "hf":
         return base + ["--system", "hf", "--model", str(ckpts.doge)]
-    model = {"doge": ckpts.doge, "doge_alt": ckpts.doge, "fallback": ckpts.doge, "qwen3": ckpts.qwen3,
+    model = {"doge": ckpts.doge, "fold": ckpts.doge, "doge_alt": ckpts.doge, "fallback": ckpts.doge, "qwen3": ckpts.qwen3,
              "dense": ckpts.dense, "lora": ckpts.doge}[system]  # fmt: skip
     impl = "transformers" if system == "fallback" else "auto"
     argv = base + ["--system", "vllm", "--model", str(model), "--mode", mode, "--impl", impl]
@@ -267,6 +291,8 @@ def worker_argv(system: str, mode: str, ckpts: Checkpoints, preset: Preset, dtyp
         argv += ["--max-model-len", str(length)]
     if system == "lora":
         argv += ["--lora", str(ckpts.lora)]
+    if system == "fold":
+        argv += ["--attention", "fold"]
     return argv if preset.prefix_caching else argv + ["--no-prefix-caching"]
 
 
@@ -602,7 +628,7 @@ def markdown_table(results: dict, modes: list[str]) -> str:
     entries = {n: dtype_entries(p) for n, p in results.items() if not n.startswith("_")}
     groups = [g for per in entries.values() for d in per.values() for g in d["modes"].values()]
     present = {s for g in groups for s in g["systems"]}
-    systems = [s for s in ["doge", "doge_alt", "lora", "qwen3", "fallback", "hf", "dense"] if s in present]
+    systems = [s for s in ["doge", "fold", "doge_alt", "lora", "qwen3", "fallback", "hf", "dense"] if s in present]
     ratio_keys = [k for k in RATIOS if any(k in g["ratios"] for g in groups)]
     kv = any(g.get("kv_probe") for g in groups)
     kv_systems = [s for s in ("doge", "qwen3") if any(s in g.get("kv_probe", {}) for g in groups)] if kv else []
@@ -655,8 +681,8 @@ def plot(results: dict, modes: list[str], path: Path) -> bool:
         print("matplotlib is not installed: no chart (pip install matplotlib, or the project's bench extra)")
         return False
     names = [n for n in results if not n.startswith("_")]
-    systems = ["doge", "doge_alt", "lora", "dense", "qwen3", "fallback", "hf"]
-    colors = {"doge": "#d62728", "doge_alt": "#9467bd", "lora": "#8c564b", "dense": "#ff9896", "qwen3": "#1f77b4", "fallback": "#2ca02c",
+    systems = ["doge", "fold", "doge_alt", "lora", "dense", "qwen3", "fallback", "hf"]
+    colors = {"doge": "#d62728", "fold": "#ff7f0e", "doge_alt": "#9467bd", "lora": "#8c564b", "dense": "#ff9896", "qwen3": "#1f77b4", "fallback": "#2ca02c",
               "hf": "#7f7f7f"}  # fmt: skip
     cols = min(2, len(names))
     rows = math.ceil(len(names) / cols)
@@ -787,6 +813,7 @@ def main(argv=None) -> None:
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "native_bf16": native_bf16(),
+            "cpu_isa": cpu_isa(),
             "load_average_at_start": os.getloadavg(),
             "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
             "dtypes": dtypes,

@@ -109,6 +109,11 @@ def error_chain(error: BaseException) -> list[str]:
     return chain
 
 
+def attention_path(llm) -> str:
+    """The attention path the plugin chose for an engine: "DOGE_ATTN" (its own backend) or "fold"."""
+    return llm.llm_engine.vllm_config.additional_config["doge_attention"]
+
+
 @contextmanager
 def engine(path: str, **kwargs):
     """A vLLM engine for a tiny fp32 model, shut down on exit so the next one can start."""

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from parity import check_greedy_parity, check_logprobs_close, engine, error_chain, reference_greedy, vllm_greedy
+from parity import attention_path, check_greedy_parity, check_logprobs_close, engine, error_chain, reference_greedy, vllm_greedy
 
 MAX_TOKENS = 32
 CONFIGS = ["dense-gqa", "dense-mha-tied", "sliding", "keep-window", "moe", "moe-keep-window"]
@@ -36,6 +36,8 @@ def test_greedy_parity(checkpoints, prompts, preset):
     path = checkpoints(preset)
     reference = reference_greedy(path, prompts, MAX_TOKENS)
     with engine(path) as llm:
+        # Layers whose keep window binds stay on the fold (keep_window.py); every other model runs DOGE_ATTN.
+        assert attention_path(llm) == ("fold" if "keep-window" in preset else "DOGE_ATTN")
         got = vllm_greedy(llm, prompts, MAX_TOKENS)
     check_greedy_parity(reference, got, name=preset)
 

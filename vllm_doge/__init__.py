@@ -38,8 +38,10 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
+    from . import backend
     from .config import DogeConfigHook
 
+    backend.register()
     ModelRegistry.register_model("DogeForCausalLM", "vllm_doge.model:DogeForCausalLM")
     for architecture in ARCHITECTURES:
         MODELS_CONFIG_MAP[architecture] = DogeConfigHook

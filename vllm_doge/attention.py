@@ -39,6 +39,8 @@ from vllm.v1.attention.selector import get_attn_backend
 
 from doge_format import DogeSpec
 
+from .backend import BACKEND_NAME, attention_path
+from .backend.layer import DogeBiasAttention
 from .keep_window import encode_positions, keep_window_binds, position_digits
 
 
@@ -133,12 +135,27 @@ class DogeAttention(nn.Module):
 
         kv_cache_dtype = cache_config.cache_dtype if cache_config is not None else None
         sliding_window = spec.sliding_window
-        # Beyond keep_window_size keys each query keeps only its top keys by bias: the layer is then a
-        # sliding window of W + 1 slots whose contents keep_window.py relocates (design §3b), and k'
-        # carries each key's position in spare channels for the tie rule.
         max_model_len = vllm_config.model_config.max_model_len if vllm_config.model_config is not None else 0
         self.keep_window_size = spec.keep_window
         self.keep_window = keep_window_binds(spec.keep_window, sliding_window, max_model_len)
+        attention_kwargs = dict(cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn")
+        # The config hook chose the attention path for the whole model (config.attention_path).
+        self.own_backend = attention_path(vllm_config) == BACKEND_NAME
+        if self.own_backend:
+            # DOGE_ATTN: K and V at head_dim, the bias in fp32 beside them, added by the kernel.
+            self.attn = DogeBiasAttention(
+                self.num_heads,
+                self.head_dim,
+                self.scaling,
+                num_kv_heads=self.num_kv_heads,
+                bias_channels=self.bias_channels,
+                per_layer_sliding_window=sliding_window,
+                **attention_kwargs,
+            )
+            return
+        # The fold on a stock backend. Beyond keep_window_size keys each query keeps only its top keys by
+        # bias: the layer is then a sliding window of W + 1 slots whose contents keep_window.py relocates
+        # (design §3b), and k' carries each key's position in spare channels for the tie rule.
         self.position_digits = position_digits(max_model_len) if self.keep_window else 0
         self.padded_head_size = folded_head_size(
             self.head_dim + self.bias_channels + self.position_digits, self.num_heads, dtype, kv_cache_dtype
@@ -152,10 +169,8 @@ class DogeAttention(nn.Module):
             self.padded_head_size,
             self.scaling,
             num_kv_heads=self.num_kv_heads,
-            cache_config=cache_config,
-            quant_config=quant_config,
             per_layer_sliding_window=self.keep_window_size + 1 if self.keep_window else sliding_window,
-            prefix=f"{prefix}.attn",
+            **attention_kwargs,
         )
         if self.keep_window:
             self._check_keep_window_backend(kv_cache_dtype)
@@ -235,6 +250,10 @@ class DogeAttention(nn.Module):
         dt_input = self._all_kv_values(v) if self.unfolded else hidden_states
         dt = (dt_input.unsqueeze(1) * self.dt_weight).sum(-1) + self.dt_bias
         bias = torch.exp(self.A.double() * F.softplus(dt.double()))
+        if self.own_backend:
+            out = self.attn(q, k, v, bias.float().view(tokens, self.num_kv_heads, self.bias_channels))
+            out, _ = self.o_proj(out)
+            return out
         pad = self.padded_head_size - self.head_dim
         bias = bias.view(tokens, self.num_kv_heads, self.bias_channels).to(k.dtype)
         q = torch.cat([q.view(tokens, self.num_heads, self.head_dim), self.q_fold.expand(tokens, -1, -1)], -1)

@@ -9,6 +9,7 @@ It runs while vLLM builds its config, before the model exists:
   plain RoPE up to `max_position_embeddings` (vLLM would otherwise allow 4x that from its `factor`),
   and legacy checkpoints define no attention beyond their `keep_window_size`. A length the user asked
   for explicitly is refused instead of capped;
+- the attention path is chosen once (backend/__init__.py: DOGE_ATTN on CPU, else the fold);
 - a keep window shorter than the context relocates keys in the KV cache (keep_window.py): prefix caching
   is turned off, and speculative decoding and KV connectors are refused.
 """
@@ -22,6 +23,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from doge_format import DogeSpec, describe, read_checkpoint
 
+from .backend import choose_attention_path
 from .keep_window import keep_window_binds
 
 logger = init_logger(__name__)
@@ -82,8 +84,10 @@ class DogeConfigHook(VerifyAndUpdateConfig):
                 raise ValueError(f"Doge: max_model_len {model_config.max_model_len} > {limit}: {why}. Use --max-model-len <= {limit}.")
             logger.warning("Doge: capping max_model_len %d to %d: %s.", model_config.max_model_len, limit, why)
             model_config.max_model_len = limit
-        if keep_window_binds(spec.keep_window, spec.sliding_window, model_config.max_model_len):
+        binds = keep_window_binds(spec.keep_window, spec.sliding_window, model_config.max_model_len)
+        if binds:
             refuse_with_keep_window(vllm_config, spec.keep_window)
+        choose_attention_path(vllm_config, binds)
 
 
 def refuse_with_keep_window(vllm_config, window: int) -> None:

@@ -1,0 +1,183 @@
+"""Doge's CPU attention kernel (vllm_doge/csrc) against vLLM's `cpu_attention_with_kv_cache`.
+
+    python -m benchmarks.attention_kernel [--quick]
+
+Shapes: GQA 2:1 (8 query heads, 4 kv heads), block size 128, contexts L = 256 / 2048, B = 1 / 16 requests,
+decode (one query per request over L keys) and prefill (L-token prompts), 1 and 2 threads, bf16 and fp32.
+Two comparisons:
+  d128     both at head_dim 128, no bias (ours with one zero bias channel): the kernels head to head;
+  fold160  ours at head_dim 128 with its bias channel against vLLM at head_dim 160, the size today's fold
+           of the bias into q/k needs (what the Doge backend replaces).
+Runs alternate (ours, vLLM, ours, ...) and each cell reports medians. Prefill of B = 16 x 2048 tokens is
+left out (tens of seconds per call in fp32 on one core). Writes benchmarks/results/attention-kernel.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_doge.backend import ops
+
+HEADS, KV_HEADS, BS = 8, 4, 128
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_flags() -> dict:
+    flags = set()
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo", encoding="utf-8")
+                  if l.startswith("model name")), "?")
+    return {"model": model, **{k: k in flags for k in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")}}
+
+
+def batch_shape(mode: str, B: int, L: int):
+    q_lens = [1] * B if mode == "decode" else [L] * B
+    return q_lens, [L] * B
+
+
+def make_ours(q_lens, seq_lens, d, dtype, gen):
+    nblk = [math.ceil(s / BS) for s in seq_lens]
+    cache = torch.zeros(sum(nblk), KV_HEADS, BS, ops.cell_elements(d, 1, dtype), dtype=dtype)
+    table = torch.zeros(len(seq_lens), max(nblk), dtype=torch.int32)
+    perm = torch.randperm(sum(nblk), generator=gen).to(torch.int32)
+    slots, start = [], 0
+    for b, (n, s) in enumerate(zip(nblk, seq_lens)):
+        table[b, :n] = perm[start: start + n]
+        start += n
+        slots += [int(table[b, j // BS]) * BS + j % BS for j in range(s)]
+    T = sum(seq_lens)
+    k = torch.randn(T, KV_HEADS, d, generator=gen).to(dtype)
+    v = torch.randn(T, KV_HEADS, d, generator=gen).to(dtype)
+    bias = torch.randn(T, KV_HEADS, 1, generator=gen)
+    ops.cache_write(k, v, bias, cache, torch.tensor(slots))
+    q = torch.randn(sum(q_lens), HEADS, d, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    out = torch.empty_like(q)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    return lambda: ops.attention(out, q, cache, qsl, sl, table, d**-0.5, 0, 1)
+
+
+def vllm_isa(dtype, d) -> str:
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, BS, d)
+
+
+def make_vllm(q_lens, seq_lens, d, dtype, gen):
+    from vllm import _custom_ops as vops
+
+    isa = vllm_isa(dtype, d)
+    nblk = [math.ceil(s / BS) for s in seq_lens]
+    kv_cache = torch.zeros(sum(nblk), KV_HEADS, BS, 2 * d, dtype=dtype)
+    key_cache, value_cache = kv_cache.view(sum(nblk), KV_HEADS, BS * 2, d).chunk(2, dim=2)
+    table = torch.zeros(len(seq_lens), max(nblk), dtype=torch.int32)
+    perm = torch.randperm(sum(nblk), generator=gen).to(torch.int32)
+    slots, start = [], 0
+    for b, (n, s) in enumerate(zip(nblk, seq_lens)):
+        table[b, :n] = perm[start: start + n]
+        start += n
+        slots += [int(table[b, j // BS]) * BS + j % BS for j in range(s)]
+    T = sum(seq_lens)
+    k = torch.randn(T, KV_HEADS, d, generator=gen).to(dtype)
+    v = torch.randn(T, KV_HEADS, d, generator=gen).to(dtype)
+    vops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, torch.tensor(slots), isa)
+    q = torch.randn(sum(q_lens), HEADS, d, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    out = torch.empty_like(q)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    meta = vops.cpu_attn_get_scheduler_metadata(len(seq_lens), HEADS, KV_HEADS, d, sl, dtype, qsl, True, -1, isa,
+                                                True)
+
+    def fn():
+        vops.cpu_attention_with_kv_cache(q, key_cache, value_cache, out, qsl, sl, d**-0.5, True, None, -1, table, 0.0,
+                                         meta, None)
+
+    return fn
+
+
+def timed(fn, iters: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) * 1e6 / iters
+
+
+def measure(a, b, budget_s: float, rounds: int) -> tuple[float, float]:
+    """Median microseconds per call of a and b over `rounds` alternating rounds."""
+    a(), b()
+    once = max(timed(a, 1), timed(b, 1)) * 1e-6
+    iters = max(1, min(200, int(budget_s / rounds / 2 / once)))
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(timed(a, iters))
+        tb.append(timed(b, iters))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one dtype, one thread count, short budget")
+    parser.add_argument("--budget", type=float, default=0.6, help="seconds per cell (both systems)")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    assert ops.load(), "the vllm_doge kernels did not build"
+    flags = cpu_flags()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
+    threads_list = [1] if args.quick else [1, 2]
+    for dtype in dtypes:
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            for mode in ("decode", "prefill"):
+                for B in (1, 16):
+                    for L in (256, 2048):
+                        if mode == "prefill" and B == 16 and L == 2048:
+                            continue
+                        q_lens, seq_lens = batch_shape(mode, B, L)
+                        ours = make_ours(q_lens, seq_lens, 128, dtype, gen)
+                        for cmp, vd in (("d128", 128), ("fold160", 160)):
+                            theirs = make_vllm(q_lens, seq_lens, vd, dtype, gen)
+                            t_ours, t_vllm = measure(ours, theirs, args.budget, args.rounds)
+                            row = {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "mode": mode,
+                                   "B": B, "L": L, "compare": cmp, "ours_us": round(t_ours, 1),
+                                   "vllm_us": round(t_vllm, 1), "ratio": round(t_ours / t_vllm, 3),
+                                   "ours_path": ops.isa(), "vllm_isa": vllm_isa(dtype, vd)}
+                            rows.append(row)
+                            print(f"{row['dtype']:8s} t={threads} {mode:7s} B={B:2d} L={L:4d} {cmp:7s} "
+                                  f"ours {t_ours:9.1f} us  vllm {t_vllm:9.1f} us  ratio {row['ratio']:.2f}",
+                                  flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"cpu": flags, "torch": torch.__version__, "heads": HEADS, "kv_heads": KV_HEADS, "block_size": BS,
+            "ours_path": ops.isa()}
+    (RESULTS / "attention-kernel.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [
+        "# Doge CPU attention kernel vs vLLM cpu_attention_with_kv_cache",
+        "",
+        f"CPU: {flags['model']}; amx_bf16={flags['amx_bf16']} avx512_bf16={flags['avx512_bf16']} "
+        f"avx2={flags['avx2']}. torch {torch.__version__}. Heads {HEADS}/{KV_HEADS} (GQA 2:1), block size {BS}. "
+        f"Ours ran `{ops.isa()}`. Medians of {args.rounds} alternating rounds, microseconds per call.",
+        "d128: both head_dim 128 without bias; fold160: ours head_dim 128 + bias channel vs vLLM head_dim 160.",
+        "",
+        "| dtype | threads | mode | B | L | compare | ours (us) | vLLM (us) | ours/vLLM | vLLM isa |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['threads']} | {r['mode']} | {r['B']} | {r['L']} | {r['compare']} | "
+                     f"{r['ours_us']} | {r['vllm_us']} | {r['ratio']:.2f} | {r['vllm_isa']} |")
+    (RESULTS / "attention-kernel.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
