@@ -1,5 +1,6 @@
-"""vllm_doge/__init__.py: the plugin's entry point, the vLLM version it accepts, and what a serving
-process imports (the plugin only: not the reference model nor the test tooling)."""
+"""vllm_doge/__init__.py: the plugin's entry point, the vLLMs it accepts (any version that has the pieces
+surface.py lists; tests/test_vllm_surface.py checks the list itself), and what a serving process imports
+(the plugin only: not the reference model nor the test tooling)."""
 
 import importlib.metadata
 import json
@@ -17,24 +18,49 @@ def test_entry_point_is_registered():
     assert [p.value for p in plugins if p.name == "doge"] == ["vllm_doge:register"]
 
 
-def test_untested_vllm_is_refused(monkeypatch):
-    monkeypatch.delenv(vllm_doge.ALLOW_UNTESTED, raising=False)
-    vllm_doge.check_vllm_version("0.32.0")
-    vllm_doge.check_vllm_version("0.32.3")
-    for version in ("0.33.0", "0.31.2", "1.0.0"):
-        with pytest.raises(RuntimeError, match=rf"vLLM {version} is installed.*{vllm_doge.ALLOW_UNTESTED}=1"):
-            vllm_doge.check_vllm_version(version)
+def test_installed_vllm_has_what_registration_needs():
+    from vllm_doge import surface
+
+    assert [r.need.label for r in surface.check_installed(surface.REGISTER) if r.failed] == []
 
 
-def test_untested_vllm_with_the_override_is_tried(monkeypatch):
-    monkeypatch.setenv(vllm_doge.ALLOW_UNTESTED, "1")
-    vllm_doge.check_vllm_version("0.33.0")  # no exception: the user asked to try
-
-
-def test_installed_vllm_is_tested():
+def test_register_accepts_any_version_number(monkeypatch):
+    """No version gate: a vLLM that has the pieces is accepted whatever it calls itself (0.33, 0.34 on GPU)."""
     import vllm
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    assert vllm.__version__.startswith(vllm_doge.TESTED_VLLM)
+    monkeypatch.delenv(vllm_doge.ALLOW_UNTESTED, raising=False)
+    for version in ("0.34.0", "1.0.0"):
+        monkeypatch.setattr(vllm, "__version__", version)
+        vllm_doge.register()
+    assert "DogeForCausalLM" in ModelRegistry.get_supported_archs()
+    assert all(MODELS_CONFIG_MAP[a].__name__ == "DogeConfigHook" for a in vllm_doge.ARCHITECTURES)
+
+
+def _missing_piece():
+    from vllm_doge import surface
+
+    return surface.Need("vllm.model_executor.models.config", "MODELS_CONFIG_MAP_V2", "the engine-config hook",
+                        stage=surface.REGISTER)
+
+
+def test_register_refuses_a_vllm_lacking_a_piece(monkeypatch):
+    from vllm_doge import surface
+
+    monkeypatch.setattr(surface, "NEEDS", surface.NEEDS + (_missing_piece(),))
+    monkeypatch.delenv(vllm_doge.ALLOW_UNTESTED, raising=False)
+    with pytest.raises(RuntimeError, match=r"(?s)vllm\.model_executor\.models\.config\.MODELS_CONFIG_MAP_V2: missing.*"
+                       rf"needed for the engine-config hook.*{vllm_doge.ALLOW_UNTESTED}=1"):
+        vllm_doge.register()
+
+
+def test_register_with_the_override_tries_a_vllm_lacking_a_piece(monkeypatch):
+    from vllm_doge import surface
+
+    monkeypatch.setattr(surface, "NEEDS", surface.NEEDS + (_missing_piece(),))
+    monkeypatch.setenv(vllm_doge.ALLOW_UNTESTED, "1")
+    vllm_doge.register()  # no exception: the user asked to try (a warning names the piece)
 
 
 SERVE_AND_LIST_MODULES = """

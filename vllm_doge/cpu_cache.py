@@ -8,8 +8,7 @@ then V as ``[block_size, P]``; ``amx``: K packed in 4-byte groups of 16 tokens, 
 tokens). Rather than hard-coding those orders, :func:`probe_block_layout` learns the order once per
 (isa, dtype, block size, P) by writing a coded pattern with the backend's own cache-write op into a
 scratch cache. This module is the only place that depends on that private layout (and on the
-``isa`` the CPU metadata builder sets on each layer); `register()` checks the vLLM version it was
-written for.
+``isa`` the CPU metadata builder sets on each layer); surface.py lists the vLLM pieces it uses.
 """
 
 from __future__ import annotations
@@ -62,8 +61,9 @@ def probe_block_layout(isa: str, dtype: torch.dtype, block_size: int, head_size:
     there; the result must be a permutation, block 0 must stay untouched, and head 1's page must be
     head 0's shifted by one page (so the order is the same for every block and head).
     """
-    from vllm import _custom_ops as ops
+    from .surface import cpu_attn_reshape_and_cache
 
+    write_cache = cpu_attn_reshape_and_cache()  # vllm._cpu_ops from 0.34 on, vllm._custom_ops before
     n = block_size * head_size
     page = 2 * n
     heads = 2
@@ -85,7 +85,7 @@ def probe_block_layout(isa: str, dtype: torch.dtype, block_size: int, head_size:
         key_cache, value_cache = _split_cache(kv_cache)
         key = ((key_ids // 16**p) % 16 + 1).to(dtype).contiguous()
         value = ((value_ids // 16**p) % 16 + 1).to(dtype).contiguous()
-        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+        write_cache(key, value, key_cache, value_cache, slots, isa)
         raw = kv_cache.float().reshape(2, heads * page)
         if not bool((raw[0] == 0).all()):
             raise fail("a write reached another block")

@@ -1,23 +1,26 @@
-"""LoRA on vLLM 0.32: the two places where vLLM's own handling is not exact for Doge adapters.
+"""LoRA: the two places where vLLM's own handling is not exact for Doge adapters.
 
 1. Base-model requests batched with LoRA requests on the CPU backend. vLLM gives a token without an
-   adapter the slot index -1. The GPU kernels skip such tokens, but the CPU wrapper's torch ops index the
-   stacked adapter weights with it, and `weights[-1]` is the LAST slot: a base-model request batched with
-   adapter requests gets that slot's adapter whenever it is occupied. After each shrink (x @ A, the first
-   half of every LoRA product) the rows of tokens with index -1 are set to zero, so the expand (@ B) adds
-   exactly 0 to them.
+   adapter the slot index -1. The GPU kernels skip such tokens, but vLLM 0.32's CPU wrapper's torch ops
+   index the stacked adapter weights with it, and `weights[-1]` is the LAST slot: a base-model request
+   batched with adapter requests gets that slot's adapter whenever it is occupied. After each shrink
+   (x @ A, the first half of every LoRA product) the rows of tokens with index -1 are set to zero, so the
+   expand (@ B) adds exactly 0 to them. vLLM 0.33 masks those rows itself; whether the installed vLLM does
+   is probed once on a one-token batch (`cpu_ops_skip_unset_slot`), and the fix is applied only where
+   it does not.
 2. Adapter shapes. vLLM zero-pads LoRA tensors narrower than their layer and takes a rank from
    adapter_config.json that the tensors need not have: an adapter PEFT itself could not load is served as
    something else. Each adapter is checked against the checkpoint's tensor shapes when it is added.
 
 Both are applied by `attach(manager, spec)`, which DogeForCausalLM calls when vLLM attaches its LoRA
 manager to the model (the one moment a model sees it). They touch vLLM's LoRA internals (the CPU wrapper's
-class and token_lora_indices, the manager's `_add_adapter` and LoRAModel's weights), so they are applied
-only to the vLLM versions they were tested with.
+class and token_lora_indices, the manager's `_add_adapter` and LoRAModel's weights), listed in surface.py
+and checked there before they are used.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -62,8 +65,22 @@ def check_adapter(spec: DogeSpec, lora_model) -> None:
                 )
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_ops_skip_unset_slot() -> bool:
+    """Whether the CPU wrapper's shrink op leaves a token with slot index -1 without a LoRA contribution:
+    one token of ones against one slot whose A is all ones (vLLM 0.32 reads that slot as weights[-1])."""
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    out = torch.zeros(1, 2)
+    punica_cpu.bgmv_shrink(torch.ones(1, 3), torch.ones(1, 1, 2, 3), out, torch.tensor([-1]), 1.0)
+    return bool((out == 0).all())
+
+
 def exact_base_rows(manager) -> None:
-    """Fix 1 (see the module docstring) in every CPU punica wrapper of this LoRA manager."""
+    """Fix 1 (see the module docstring) in every CPU punica wrapper of this LoRA manager, unless the
+    installed vLLM's CPU ops already skip slot -1."""
+    if cpu_ops_skip_unset_slot():
+        return
     cpu_class, exact_class = _exact_base_class()
     for wrapper in getattr(manager, "punica_wrapper_mapping", {}).values():
         if type(wrapper) is cpu_class:  # GPU kernels skip index -1 themselves
@@ -72,19 +89,9 @@ def exact_base_rows(manager) -> None:
 
 def attach(manager, spec: DogeSpec) -> None:
     """Apply both fixes to this model's LoRA manager (see the module docstring)."""
-    import vllm
+    from . import surface
 
-    from . import TESTED_VLLM
-
-    if not vllm.__version__.startswith(TESTED_VLLM):
-        from vllm.logger import init_logger
-
-        init_logger(__name__).warning(
-            "Doge: vLLM %s is untested: the LoRA fixes for vLLM 0.32 (base rows batched with adapters on CPU, "
-            "adapter shape checks) are not applied.",
-            vllm.__version__,
-        )
-        return
+    surface.require(surface.LORA)
     add_adapter = manager._add_adapter
 
     def checked_add_adapter(lora_model) -> None:

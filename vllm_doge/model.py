@@ -12,7 +12,14 @@ from itertools import islice
 
 import torch
 from torch import nn
-from vllm.compilation.decorators import support_torch_compile
+
+from . import surface
+
+# The model's vLLM pieces (attention.py, cdmoe.py, backend/ included), checked before they are imported so
+# that a vLLM lacking one fails naming it and the feature that needs it, not with a bare ImportError.
+surface.require(surface.MODEL)
+
+from vllm.compilation.decorators import support_torch_compile  # noqa: E402
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.layernorm import RMSNorm

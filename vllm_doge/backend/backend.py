@@ -32,7 +32,6 @@ BLOCK_MULTIPLE = 16  # tokens of a block: whole 16-key vectors, and pairs for th
 
 class DogeAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = True
-    accept_output_buffer: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float32, torch.bfloat16, torch.float16]
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
 
