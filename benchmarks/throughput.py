@@ -70,7 +70,8 @@ both recorded; `ratios_cpu_time` (tokens per CPU second) is the less load-sensit
 Output: a markdown table on stdout (one row per preset, dtype and mode), benchmarks/results/<name>.json
 (name: latest, or quick with --quick) with the raw per-repetition numbers, the KV probes and, per preset
 and dtype (`<preset>.dtypes.<dtype>`), `ratios` (medians of ratios paired within each repetition; output
-tokens/s of the first system over the second; plus the KV ratios) and benchmarks/results/<name>.png.
+tokens/s of the first system over the second; plus the KV ratios) and one chart per preset,
+benchmarks/results/<name>.<preset>.png, linked from <name>.md.
 """
 
 from __future__ import annotations
@@ -671,6 +672,17 @@ def targets_report(results: dict) -> list[str]:
     return lines
 
 
+def plot_presets(results: dict, modes: list[str], stem: str) -> list[Path]:
+    """One chart per preset, <stem>.<preset>.png (both dtypes, every system); returns the files written."""
+    charts = []
+    for name in (n for n in results if not n.startswith("_")):
+        path = RESULTS / f"{stem}.{name}.png"
+        if not plot({name: results[name], "_meta": results["_meta"]}, modes, path):
+            break
+        charts.append(path)
+    return charts
+
+
 def plot(results: dict, modes: list[str], path: Path) -> bool:
     try:
         import matplotlib
@@ -686,7 +698,7 @@ def plot(results: dict, modes: list[str], path: Path) -> bool:
               "hf": "#7f7f7f"}  # fmt: skip
     cols = min(2, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(8.0, 6.0 * cols), 4.2 * rows), squeeze=False)
     for ax in axes.flat[len(names) :]:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, names):
@@ -721,7 +733,7 @@ def plot(results: dict, modes: list[str], path: Path) -> bool:
     fig.suptitle(
         f"vllm-doge offline throughput, {'/'.join(SHORT_DTYPE.get(d, d) for d in meta.get('dtypes', ['float32']))}, "
         f"{threads} thread(s) per system on a {meta['cpu_count']}-core CPU "
-        f"({meta['date'][:10]}); bars: median, whiskers: min-max over repetitions",
+        f"({meta['date'][:10]})\nbars: median, whiskers: min-max over repetitions",
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0.07 if rows > 1 else 0.1, 1, 0.95))
@@ -779,7 +791,8 @@ def main(argv=None) -> None:
         modes = results["_meta"]["modes"]
         print(markdown_table(results, modes))
         print("\n".join(targets_report(results)))
-        plot(results, modes, RESULTS / f"{args.report}.png")
+        for chart in plot_presets(results, modes, args.report):
+            print(f"chart: {chart}")
         return
 
     presets = parse_list(args.presets, list(PRESETS), "presets") if args.presets else (
@@ -916,9 +929,11 @@ def main(argv=None) -> None:
     if targets:
         print("\ntargets:")
         print("\n".join(targets))
-    (RESULTS / f"{stem}.md").write_text(table + "\n")
-    if plot(results, modes, RESULTS / f"{stem}.png"):
-        print(f"chart: {RESULTS / f'{stem}.png'}")
+    charts = plot_presets(results, modes, stem)
+    links = "".join(f"\n![{c.stem}]({c.name})" for c in charts)
+    (RESULTS / f"{stem}.md").write_text(table + "\n" + links + ("\n" if links else ""))
+    for chart in charts:
+        print(f"chart: {chart}")
     print(f"results: {RESULTS / f'{stem}.json'} ({time.monotonic() - started:.0f} s)")
 
 

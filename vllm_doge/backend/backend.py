@@ -151,10 +151,12 @@ class DogeAttentionImpl(AttentionImpl[DogeAttentionMetadata]):
         if metadata is None:  # profiling and warm-up runs carry no metadata
             return
         n = metadata.num_actual_tokens
-        ops.cache_write(key[:n], value[:n], bias[:n], kv_cache, metadata.slot_mapping[:n])
+        if n != query.shape[0]:  # padded batches: only the first n rows are tokens
+            query, key, value, bias, output = (t[:n] for t in (query, key, value, bias, output))
+        ops.cache_write(key, value, bias, kv_cache, metadata.slot_mapping[:n])
         ops.attention(
-            output[:n],
-            query[:n],
+            output,
+            query,
             kv_cache,
             metadata.query_start_loc,
             metadata.seq_lens,
