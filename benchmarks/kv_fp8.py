@@ -452,6 +452,36 @@ def mechanism_summary(mech: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def plot(result: dict, path: Path) -> bool:
+    """Bars per fp8 variant, Doge beside Qwen3: mean steps to divergence and the first-token logprob gap."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (the project's bench extra)")
+        return False
+    variants = [kv for kv in result["verdicts"] if all(kv in result["metrics"][m] for m in ("doge", "qwen3"))]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label in ((axes[0], "steps_mean", "mean steps to divergence"),
+                           (axes[1], "first_step_gap_mean", "first-token |logprob gap|")):  # fmt: skip
+        for i, (model, color) in enumerate((("doge", "#d62728"), ("qwen3", "#1f77b4"))):
+            values = [result["metrics"][model][kv][key] or 0.0 for kv in variants]
+            ax.bar([j + (i - 0.5) * 0.4 for j in range(len(variants))], values, 0.4, label=model, color=color)
+        ax.set_xticks(range(len(variants)), variants)
+        ax.set_title(label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    cfg = result["config"]
+    fig.suptitle(f"fp8 KV cache against the {cfg['dtype']} cache, {cfg['prompts']} x ({cfg['prompt_len']} -> "
+                 f"{cfg['max_tokens']}), {cfg['preset']} shape", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -468,8 +498,10 @@ def main() -> None:
         child_main(args)
         return
     if args.rerender:
-        text = render(json.loads((RESULTS / "kv-fp8.json").read_text()))
+        result = json.loads((RESULTS / "kv-fp8.json").read_text())
+        text = render(result)
         (RESULTS / "kv-fp8.md").write_text(text)
+        plot(result, RESULTS / "kv-fp8.png")
         print(text)
         return
 
@@ -554,6 +586,7 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "kv-fp8.json").write_text(json.dumps(result, indent=1) + "\n")
         (RESULTS / "kv-fp8.md").write_text(text)
+        plot(result, RESULTS / "kv-fp8.png")
 
 
 if __name__ == "__main__":
