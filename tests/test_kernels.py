@@ -1,7 +1,9 @@
 """The C++ CPU attention kernels (vllm_doge/csrc) against a float64 reference that unpacks the page layout.
 
-Every case runs on each path this machine can run: the AVX-512 tiles, oneDNN's brgemm for prefill where
-it is used, and the portable C++ (forced with VLLM_DOGE_ISA / VLLM_DOGE_BRGEMM and `ops.reconfigure()`).
+Every case runs on each path this machine can run: the AVX-512 tiles (vdpbf16ps for bf16), bf16 widened to
+the fp32 tiles (bf16 cases only), oneDNN's brgemm for prefill where it is used, and the portable C++ (forced
+with VLLM_DOGE_ISA / VLLM_DOGE_BRGEMM / VLLM_DOGE_BF16 and `ops.reconfigure()`); a child process repeats the
+bf16/fp32 cases with oneDNN capped below AMX.
 Caches start as NaN and only this batch's keys are written, so a kernel that reads an unwritten slot, a
 block-table entry past the request's blocks or a block wholly before the sliding window returns NaN.
 """
@@ -30,7 +32,8 @@ def _paths() -> list[tuple[str, dict]]:
     has_avx512 = ops.reconfigure() != "portable" and os.environ.get("VLLM_DOGE_ISA", "auto") == "auto"
     if has_avx512:
         paths += [
-            ("avx512-loops", {"VLLM_DOGE_ISA": "avx512", "VLLM_DOGE_BRGEMM": "0"}),
+            ("avx512-loops", {"VLLM_DOGE_ISA": "avx512", "VLLM_DOGE_BRGEMM": "0", "VLLM_DOGE_BF16": "dot"}),
+            ("avx512-fp32-tiles", {"VLLM_DOGE_ISA": "avx512", "VLLM_DOGE_BRGEMM": "0", "VLLM_DOGE_BF16": "fp32"}),
             ("avx512-brgemm", {"VLLM_DOGE_ISA": "avx512", "VLLM_DOGE_BRGEMM": "1"}),
         ]
     return paths
@@ -42,7 +45,7 @@ PATHS = _paths()
 @pytest.fixture(params=PATHS, ids=[name for name, _ in PATHS])
 def path(request, monkeypatch):
     name, env = request.param
-    for key in ("VLLM_DOGE_ISA", "VLLM_DOGE_BRGEMM"):
+    for key in ("VLLM_DOGE_ISA", "VLLM_DOGE_BRGEMM", "VLLM_DOGE_BF16"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -251,12 +254,18 @@ CASES = {
     "sliding-window": ([(100, 1), (0, 70), (80, 25), (47, 3)], 4, 2, 32, 2, 16, 20),
     "d128-mixed": ([(150, 1), (0, 36), (130, 18), (257, 1)], 4, 2, 128, 1, 128, 0),
     "d160-window": ([(300, 1), (90, 24)], 2, 1, 160, 1, 32, 64),
+    # AMX tiles for <= 16 stacked rows (d % 64 == 0, bs % 32 == 0): partial blocks of odd and even length, a
+    # 32-key tail, M = 4 .. 16 (and 20, past the tiles), per-head bias, a window.
+    "d64-decode-spec": ([(0, 1), (31, 1), (32, 1), (62, 1), (100, 4), (77, 3), (5, 5)], 8, 2, 64, 4, 32, 0),
+    "d64-window": ([(200, 1), (90, 4), (33, 2)], 4, 1, 64, 1, 64, 40),
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention(case, dtype, path):
+    if path == "avx512-fp32-tiles" and dtype != torch.bfloat16:
+        pytest.skip("only bf16 is widened; other dtypes run as avx512-loops")
     reqs, heads, kv, d, C, bs, window = CASES[case]
     batch = make_batch(reqs, heads=heads, kv=kv, d=d, channels=C, bs=bs, window=window, dtype=dtype,
                        seed=hash(case) % 1000)
@@ -290,3 +299,26 @@ def test_fake_impls():
     torch.library.opcheck(torch.ops.vllm_doge.cache_write,
                           (kv, kv.clone(), torch.randn(T, 1, 1), cache, torch.arange(T)),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(os.environ.get("ONEDNN_MAX_CPU_ISA") is not None or not any(n == "avx512-brgemm" for n, _ in PATHS),
+                    reason="needs AVX-512 and is itself the no-AMX run")
+def test_no_amx_emulation():
+    """A CPU with AVX512_BF16 but no AMX, emulated with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 in a child:
+    auto leaves bf16 to the hand-written tiles, VLLM_DOGE_BRGEMM=1 runs oneDNN's avx512_core_bf16 ukernel on
+    the same VNNI pages, and every bf16/fp32 case passes on both."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_DOGE_ISA", "VLLM_DOGE_BRGEMM", "VLLM_DOGE_BF16")}
+    env["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
+    probe = ("from vllm_doge.backend import ops; import os; assert ops.load(); a = ops.reconfigure(); "
+             "os.environ['VLLM_DOGE_BRGEMM'] = '1'; f = ops.reconfigure(); print(a, f); "
+             "assert 'brgemm(bf16)' not in a and 'brgemm(bf16)' in f, (a, f)")
+    r = subprocess.run([sys.executable, "-c", probe], env=env, cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "test_attention and not fp16 and avx512"], env=env, cwd=root, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

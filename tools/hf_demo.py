@@ -4,7 +4,9 @@ reference model (no vLLM).
 Loads checkpoints/doge-demo/ (built by `python -m tools.train_demo`) with the reference model
 doge_hf.DogeForCausalLM and the tokenizer with AutoTokenizer, then prints what it writes after a few
 Python prompts. The model is tiny and was trained for minutes on standard-library source, so expect
-Python-looking text, not working programs.
+Python-looking text, not working programs. Its keep window (W = 128) binds only once a sequence passes
+W tokens: `--max-new-tokens 200` goes past it (doge_hf then keeps each query's W keys with the largest
+bias, as `make demo`'s server does).
 """
 
 import argparse
@@ -38,7 +40,7 @@ def main(argv=None) -> None:
     print(
         f">> {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters: {config.num_hidden_layers} layers, "
         f"hidden {config.hidden_size}, {config.num_attention_heads} heads / {config.num_key_value_heads} kv heads, "
-        f"vocab {config.vocab_size}"
+        f"vocab {config.vocab_size}, keep window {config.keep_window_size} of {config.max_position_embeddings} positions"
     )
     print(f">> greedy decoding, {args.max_new_tokens} new tokens per prompt\n")
     for prompt in args.prompts:

@@ -4,9 +4,18 @@
 
 It starts `vllm serve checkpoints/doge-demo` in a subprocess on a free loopback port (the plugin is
 picked up through its `vllm.general_plugins` entry point: nothing Doge-specific is passed), waits for
-`/health` while showing progress, sends a chat completion and a streamed completion, prints them, and
-always stops the server: SIGTERM, then SIGKILL to the server's whole process group after a grace
-period; on Ctrl-C too.
+`/health` while showing progress, sends three requests and prints them, and always stops the server:
+SIGTERM, then SIGKILL to the server's whole process group after a grace period; on Ctrl-C too.
+
+The demo checkpoint's keep window (W = 128 keys) is smaller than its context (512), so the requests go
+through Doge's sparse path: a short chat answer (inside the window), a streamed completion that
+generates past W, and a prompt of ~240 tokens from a standard-library file the model was not trained on
+(past W before the first generated token). For each answer the demo prints how many of its tokens lay
+past the window (prompt + generated - W), its tokens/s, and the most KV-cache blocks seen held while it
+decoded, sampled by a helper process from the server's /metrics (`vllm:kv_cache_usage_perc` x the
+blocks of `vllm:cache_config_info`), next to the bound the window sets: the plugin declares each layer
+sliding-window W + 1, so a request holds at most ceil((W + 1) / block) + 1 blocks however long it gets.
+The server runs with `--block-size 32` (the CPU default, 128, would make that bound 3 blocks against 4).
 
 `VllmServer` is also what tests/serving.py uses to run the end-to-end tests against a real server.
 """
@@ -15,13 +24,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
+import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -32,6 +45,14 @@ DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "doge-demo"
 
 CHAT_PROMPT = "Write a Python function that returns the larger of two numbers."
 COMPLETION_PROMPT = "import os\n\n\ndef list_python_files(directory):\n"
+COMPLETION_TOKENS = 256  # the prompt is ~15 tokens: generation goes past a window of 128
+# The long prompt: the head of a standard-library file that tools.train_demo holds out of training (every
+# 25th file in sorted order; base64.py is the first), up to LONG_PROMPT_TOKENS tokens cut at a line end:
+# past W already, and within the 256 positions the model was trained on.
+LONG_PROMPT_FILE = "base64.py"
+LONG_PROMPT_TOKENS = 240
+LONG_TOKENS = 96
+BLOCK_SIZE = 32  # --block-size of the demo server, unless given after `--`
 
 
 class ServerError(RuntimeError):
@@ -314,43 +335,220 @@ def _raise_keyboard_interrupt(signum, frame):  # noqa: ARG001 - signal handler s
     raise KeyboardInterrupt
 
 
-def _talk(server: VllmServer) -> None:
-    """The demo's requests, with the official openai client."""
+def _keep_window(model: pathlib.Path, max_model_len: int) -> int | None:
+    """The checkpoint's keep window W if it binds at this context length (some query sees more than W
+    keys), else None."""
+    config = json.loads((model / "config.json").read_text())
+    window = config.get("keep_window_size")
+    return window if window is not None and window < max_model_len else None
+
+
+# The KV-block sampler: a process of its own (a thread of the demo would starve on the GIL while the
+# stream is read), polling /metrics until its stdin closes; one line per sample: time running usage.
+_SAMPLER = """
+import re, select, sys, time, urllib.request
+url, interval = sys.argv[1], float(sys.argv[2])
+gauge = lambda name, text: re.search("^" + name + r"\\{[^}]*\\} (\\S+)", text, re.MULTILINE)
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], interval)[0]:
+    try:
+        text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    except OSError:
+        continue
+    running, usage = gauge("vllm:num_requests_running", text), gauge("vllm:kv_cache_usage_perc", text)
+    if running and usage:
+        print(time.monotonic(), running.group(1), usage.group(1), flush=True)
+"""
+
+
+class KvBlocks:
+    """The KV-cache blocks in use on the server, sampled from its Prometheus /metrics while a request
+    runs: `vllm:kv_cache_usage_perc` (used / usable blocks) times the usable blocks (`num_gpu_blocks` of
+    `vllm:cache_config_info`, less the null block). With one request running, that is the blocks the
+    request holds; a sample counts only if `vllm:num_requests_running` says a request was running.
+
+    blocks = KvBlocks(server.url)
+    with blocks:                      # a sampler process polls /metrics every `interval` seconds
+        ...                           # blocks.decoding() once the request's third token is read
+    blocks.peak, blocks.decode_peak   # the most seen before / after that (None: no sample)
+
+    The prefill step allocates blocks for the whole prompt; the sliding-window manager frees those before
+    the window at the next step, so the two phases are reported apart. The most seen is a lower bound on
+    the true peak (samples are snapshots).
+    """
+
+    def __init__(self, url: str, interval: float = 0.04) -> None:
+        self.url = url
+        self.interval = interval
+        self.block_size: int | None = None
+        self.total: int | None = None
+        self.peak: int | None = None
+        self.decode_peak: int | None = None
+        self._decoding_at: float | None = None
+        self._sampler: subprocess.Popen | None = None
+
+    def _metrics(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def read_config(self) -> bool:
+        """block_size and the usable block count, once; False if the server does not export them."""
+        if self.total is None:
+            info = re.search(r"^vllm:cache_config_info\{(.*)\}", self._metrics(), re.MULTILINE)
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', info.group(1))) if info else {}
+            if labels.get("num_gpu_blocks", "None").isdigit() and labels.get("block_size", "").isdigit():
+                self.block_size, self.total = int(labels["block_size"]), int(labels["num_gpu_blocks"]) - 1
+        return self.total is not None
+
+    def decoding(self) -> None:
+        if self._decoding_at is None:
+            self._decoding_at = time.monotonic()
+
+    def record(self, samples: list[tuple[float, float, float]]) -> None:
+        """(time, requests running, usage) samples -> peak and decode_peak."""
+        for when, running, usage in samples:
+            if running < 1:
+                continue
+            held = round(usage * self.total)
+            if self._decoding_at is not None and when >= self._decoding_at:
+                self.decode_peak = max(self.decode_peak or 0, held)
+            else:
+                self.peak = max(self.peak or 0, held)
+
+    def __enter__(self) -> "KvBlocks":
+        self.peak, self.decode_peak, self._decoding_at = None, None, None
+        try:
+            ready = self.read_config()
+        except (urllib.error.URLError, OSError):
+            ready = False
+        if ready:
+            self._sampler = subprocess.Popen(
+                [sys.executable, "-c", _SAMPLER, self.url, str(self.interval)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )
+            self._sampler.stdout.readline()  # "ready": it polls from now on
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sampler, self._sampler = self._sampler, None
+        if sampler is None:
+            return
+        time.sleep(2 * self.interval)  # a last sample or two
+        out, _ = sampler.communicate(timeout=30)  # closes its stdin: it stops
+        samples = []
+        for line in out.splitlines():
+            try:
+                samples.append(tuple(float(x) for x in line.split()))
+            except ValueError:
+                pass
+        self.record(samples)
+
+
+def _answer_line(usage, seconds: float, window: int | None, blocks: KvBlocks) -> str:
+    """One line on an answer: its tokens past the keep window, tokens/s, the KV blocks it held."""
+    total = usage.prompt_tokens + usage.completion_tokens
+    rate = usage.completion_tokens / max(seconds, 1e-9)
+    parts = [f"{usage.prompt_tokens} prompt + {usage.completion_tokens} generated = {total} tokens"]
+    if window is None:
+        parts.append("the keep window does not bind at this context length")
+    else:
+        parts.append(f"{max(0, total - window)} past the keep window W = {window}")
+    parts.append(f"{usage.completion_tokens} tokens in {seconds:.1f} s ({rate:.0f} tok/s)")
+    if blocks.block_size is not None:
+        block = blocks.block_size
+        seen = blocks.decode_peak
+        held = "KV blocks held while decoding (sampled from /metrics): "
+        held += "not sampled" if seen is None else f"at most {seen} blocks of {block} tokens"
+        if blocks.peak is not None:
+            held += f" ({blocks.peak} at the prefill step)"
+        if window is not None:
+            bound = math.ceil((window + 1) / block) + 1
+            held += f"; the window's bound ceil((W+1)/{block})+1 = {bound}, {math.ceil(total / block)} without a window"
+        parts.append(held)
+    return "=== " + "; ".join(parts) + " ==="
+
+
+def _stream(create, blocks: KvBlocks, text_of) -> tuple[object, float]:
+    """Send a streamed request (`create()`), print the answer as it comes while `blocks` samples the
+    server's KV blocks; returns (usage, seconds)."""
+    with blocks:
+        start = time.monotonic()
+        usage, chunks = None, 0
+        for chunk in create():
+            if chunk.choices:
+                print(text_of(chunk.choices[0]) or "", end="", flush=True)
+                chunks += 1
+                if chunks == 3:  # the prefill step's blocks before the window are freed by now
+                    blocks.decoding()
+            if chunk.usage is not None:
+                usage = chunk.usage
+        seconds = time.monotonic() - start
+    return usage, seconds
+
+
+def long_prompt(model: pathlib.Path, budget: int) -> tuple[list[int], str]:
+    """At most `budget` token ids from the head of LONG_PROMPT_FILE, cut after a newline (bos first, as
+    the server's tokenizer encodes a prompt: the same tokenizer.json), and the text of the last 40, to show."""
+    from tokenizers import Tokenizer  # transformers' fast-tokenizer library, loads in milliseconds
+
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    text = (pathlib.Path(sysconfig.get_paths()["stdlib"]) / LONG_PROMPT_FILE).read_text(encoding="utf-8")
+    tokens = tokenizer.encode(text).ids[:budget]
+    end = len(tokens)
+    while end > budget // 2 and "\n" not in tokenizer.decode(tokens[end - 1 : end]):
+        end -= 1
+    tokens = tokens[:end] if end > budget // 2 else tokens
+    return tokens, tokenizer.decode(tokens[-40:])
+
+
+def _talk(server: VllmServer, window: int | None) -> None:
+    """The demo's requests, with the official openai client, one at a time (so the server's block count
+    is the request's)."""
     import openai
 
     client = openai.OpenAI(base_url=server.base_url, api_key="EMPTY", timeout=120, max_retries=0)
     (served,) = [m.id for m in client.models.list().data]
     print(f">> /v1/models: {served}")
+    if window is None:
+        print(f">> the keep window does not bind with --max-model-len {server.max_model_len}: no query sees more keys than it")
+    else:
+        print(f">> keep window W = {window} keys < --max-model-len {server.max_model_len}: past W tokens, each query "
+              f"attends to its {window} keys with the largest dynamic-mask bias")
+    blocks = KvBlocks(server.url)
+    options = dict(model=served, temperature=0.7, seed=0, stream=True, stream_options={"include_usage": True})
 
-    start = time.monotonic()
-    chat = client.chat.completions.create(
-        model=served, messages=[{"role": "user", "content": CHAT_PROMPT}], max_tokens=64, temperature=0.7, seed=0
-    )
-    seconds = time.monotonic() - start
-    print(f"\n=== chat completion (temperature 0.7, seed 0; {chat.usage.completion_tokens} tokens in {seconds:.1f} s) ===")
-    print(f"user: {CHAT_PROMPT}\nassistant: {chat.choices[0].message.content}")
+    print("\n=== chat completion (streamed, temperature 0.7, seed 0, 64 tokens) ===")
+    print(f"user: {CHAT_PROMPT}\nassistant: ", end="", flush=True)
+    messages = [{"role": "user", "content": CHAT_PROMPT}]
+    usage, seconds = _stream(lambda: client.chat.completions.create(messages=messages, max_tokens=64, **options),
+                             blocks, lambda choice: choice.delta.content)
+    print("\n" + _answer_line(usage, seconds, window, blocks))
 
-    print(f"\n=== streamed completion (temperature 0.7, seed 0) ===\n{COMPLETION_PROMPT}", end="", flush=True)
-    start = time.monotonic()
-    usage = None
-    stream = client.completions.create(
-        model=served, prompt=COMPLETION_PROMPT, max_tokens=96, temperature=0.7, seed=0, stream=True,
-        stream_options={"include_usage": True},
+    print(f"\n=== completion (streamed, temperature 0.7, seed 0, {COMPLETION_TOKENS} tokens) ===\n{COMPLETION_PROMPT}",
+          end="", flush=True)
+    usage, seconds = _stream(
+        lambda: client.completions.create(prompt=COMPLETION_PROMPT, max_tokens=COMPLETION_TOKENS, **options),
+        blocks, lambda choice: choice.text,
     )
-    for chunk in stream:
-        if chunk.choices:
-            print(chunk.choices[0].text, end="", flush=True)
-        if chunk.usage is not None:
-            usage = chunk.usage
-    seconds = time.monotonic() - start
-    tokens = usage.completion_tokens if usage else 0
-    print(f"\n=== {tokens} tokens streamed in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tok/s) ===")
+    print("\n" + _answer_line(usage, seconds, window, blocks))
+
+    budget = min(LONG_PROMPT_TOKENS, (server.max_model_len or 512) - LONG_TOKENS)
+    tokens, tail = long_prompt(pathlib.Path(server.model), budget)
+    print(f"\n=== a long prompt: the first {len(tokens)} tokens of the standard library's {LONG_PROMPT_FILE} "
+          f"(held out of training; streamed, temperature 0.7, seed 0, {LONG_TOKENS} tokens) ===")
+    print(f"[... {len(tokens) - 40} tokens ...]{tail}", end="", flush=True)
+    usage, seconds = _stream(lambda: client.completions.create(prompt=tokens, max_tokens=LONG_TOKENS, **options),
+                             blocks, lambda choice: choice.text)
+    print("\n" + _answer_line(usage, seconds, window, blocks))
 
 
 def run_demo(model: pathlib.Path, port: int | None, max_model_len: int, timeout: float, serve_args: list[str]) -> int:
     import openai
 
     args = ["--served-model-name", model.name, "--gpu-memory-utilization", "0.5", *serve_args]
+    if not any(a == "--block-size" or a.startswith("--block-size=") for a in serve_args):
+        args += ["--block-size", str(BLOCK_SIZE)]  # small blocks make the window's O(W) KV state visible
+    window = _keep_window(model, max_model_len)
     server = VllmServer(model, port=port, max_model_len=max_model_len, args=args)
     print(f">> starting: {' '.join(server.command())}")
     print(f"   server log: {server.log_path}")
@@ -364,7 +562,7 @@ def run_demo(model: pathlib.Path, port: int | None, max_model_len: int, timeout:
         print(">> waiting for the server to answer /health (the first start compiles the model: 1-2 min on 2 cores)")
         elapsed = server.wait_until_ready(timeout=timeout, progress=progress)
         progress.done(f">> server ready at {server.url} after {elapsed:.0f} s")
-        _talk(server)
+        _talk(server, window)
         status = 0
     except KeyboardInterrupt:
         progress.done(">> interrupted")

@@ -1,16 +1,20 @@
-"""Doge's dynamic-mask attention on vLLM's paged KV cache and stock attention backends.
+"""Doge's dynamic-mask attention: projections, q/k norm, RoPE and the per-key bias
+b_j = exp(A · softplus(dt_proj(v_j))), then one of two paths (chosen per engine, backend/__init__.py):
 
-The per-key bias b_j = exp(A · softplus(dt_proj(v_j))) is folded into the cached keys:
+- DOGE_ATTN (CPU): k, v and the bias in fp32 go to the plugin's backend, which stores them unpadded and
+  adds the bias inside its kernel; past a keep window it also keeps each query's top-W keys.
+- the fold on a stock backend: the bias is folded into the cached keys,
 
     q' = [q, 1/scale, 0…]    k' = [k, b, 0…]    v' = [v, 0…]     (padded to a head size P > d)
     ⇒  q'·k'·scale = q·k·scale + b
 
-so every backend computes Doge's scores, and paging, prefix caching (b depends on v_j only, so a
-cached block stays valid), chunked prefill and preemption keep working unchanged. The output is sliced
-back to d. The bias sits in k's channel, not multiplied by √d, which keeps it exact in fp16.
+  so every backend computes Doge's scores, and paging, prefix caching (b depends on v_j only, so a
+  cached block stays valid), chunked prefill and preemption keep working unchanged. The output is sliced
+  back to d. The bias sits in k's channel, not multiplied by √d, which keeps it exact in fp16.
 
 Legacy SmallDoge checkpoints have one mask per *attention* head: each kv head then carries G bias
-channels (one per head of its group), and q' of head h puts 1/scale in channel d + h mod G.
+channels (one per head of its group); head h reads channel h mod G (in the fold: q' of head h puts
+1/scale in channel d + h mod G).
 
 dt_proj reads the value vector of *all* kv heads. With `dt_proj(v) = W_dt (W_v h + b_v) + b_dt`, the
 loader folds W_dt·W_v into one [mask rows, hidden] projection of h, which is replicated at the attention
@@ -41,7 +45,7 @@ from doge_format import DogeSpec
 
 from .backend import BACKEND_NAME, attention_path
 from .backend.layer import DogeBiasAttention
-from .keep_window import encode_positions, keep_window_binds, position_digits
+from .keep_window import keep_window_binds
 
 
 def folded_head_size(min_size: int, num_heads: int, dtype: torch.dtype, kv_cache_dtype: str | None) -> int:
@@ -136,10 +140,19 @@ class DogeAttention(nn.Module):
         kv_cache_dtype = cache_config.cache_dtype if cache_config is not None else None
         sliding_window = spec.sliding_window
         max_model_len = vllm_config.model_config.max_model_len if vllm_config.model_config is not None else 0
-        self.keep_window_size = spec.keep_window
+        # Beyond keep_window_size keys each query keeps only its top keys by bias (keep_window.py); the
+        # config hook put such a model on DOGE_ATTN or refused it.
         self.keep_window = keep_window_binds(spec.keep_window, sliding_window, max_model_len)
+        if self.keep_window and self.unfolded:
+            # The keep window's tie rule needs a token's bias to get the same bits in any batch; with
+            # LoRA the bias reads v from vLLM's qkv GEMM and adapter kernels, which do not promise that.
+            raise ValueError(
+                f"Doge: LoRA with keep_window_size {spec.keep_window} < max_model_len is not supported "
+                "(the kept keys would depend on rounding of the adapted values). Serve with "
+                f"--max-model-len <= {spec.keep_window}, or without --enable-lora."
+            )
         attention_kwargs = dict(cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn")
-        # The config hook chose the attention path for the whole model (config.attention_path).
+        # The config hook chose the attention path for the whole model (backend/__init__.py).
         self.own_backend = attention_path(vllm_config) == BACKEND_NAME
         if self.own_backend:
             # DOGE_ATTN: K and V at head_dim, the bias in fp32 beside them, added by the kernel.
@@ -149,17 +162,15 @@ class DogeAttention(nn.Module):
                 self.scaling,
                 num_kv_heads=self.num_kv_heads,
                 bias_channels=self.bias_channels,
-                per_layer_sliding_window=sliding_window,
+                keep_window=spec.keep_window if self.keep_window else 0,
+                per_layer_sliding_window=None if self.keep_window else sliding_window,
                 **attention_kwargs,
             )
             return
-        # The fold on a stock backend. Beyond keep_window_size keys each query keeps only its top keys by
-        # bias: the layer is then a sliding window of W + 1 slots whose contents keep_window.py relocates
-        # (design §3b), and k' carries each key's position in spare channels for the tie rule.
-        self.position_digits = position_digits(max_model_len) if self.keep_window else 0
-        self.padded_head_size = folded_head_size(
-            self.head_dim + self.bias_channels + self.position_digits, self.num_heads, dtype, kv_cache_dtype
-        )
+        if self.keep_window:
+            raise RuntimeError("Doge: a binding keep window is served on DOGE_ATTN only (the config hook refuses it elsewhere)")
+        # The fold on a stock backend: q' = [q, 1/scale, 0…], k' = [k, b, 0…] in a head of a size it runs.
+        self.padded_head_size = folded_head_size(self.head_dim + self.bias_channels, self.num_heads, dtype, kv_cache_dtype)
         # q's extra channels: 1/scale in the channel of its own bias (head h of a group reads channel h % G).
         q_fold = torch.zeros(self.num_heads, self.padded_head_size - self.head_dim, dtype=dtype)
         q_fold[torch.arange(self.num_heads), torch.arange(self.num_heads) % self.bias_channels] = 1.0 / self.scaling
@@ -169,34 +180,9 @@ class DogeAttention(nn.Module):
             self.padded_head_size,
             self.scaling,
             num_kv_heads=self.num_kv_heads,
-            per_layer_sliding_window=self.keep_window_size + 1 if self.keep_window else sliding_window,
+            per_layer_sliding_window=sliding_window,
             **attention_kwargs,
         )
-        if self.keep_window:
-            self._check_keep_window_backend(kv_cache_dtype)
-            if self.unfolded:
-                # The keep window's tie rule needs a token's bias to get the same bits in any batch; with
-                # LoRA the bias reads v from vLLM's qkv GEMM and adapter kernels, which do not promise that.
-                raise ValueError(
-                    f"Doge: LoRA with keep_window_size {self.keep_window_size} < max_model_len is not supported "
-                    "(the kept keys would depend on rounding of the adapted values). Serve with "
-                    f"--max-model-len <= {self.keep_window_size}, or without --enable-lora."
-                )
-
-    def _check_keep_window_backend(self, kv_cache_dtype: str | None) -> None:
-        backend = self.attn.attn_backend.get_name()
-        problems = []
-        if backend != "CPU_ATTN":
-            problems.append(f"it is verified on vLLM's CPU attention backend only, and this layer uses {backend}")
-        if kv_cache_dtype not in (None, "auto") and not kv_cache_dtype.startswith(("bfloat16", "float")):
-            problems.append(f"a quantized KV cache ({kv_cache_dtype}) cannot hold the bias and positions exactly")
-        if problems:
-            raise ValueError(
-                f"Doge: keep_window_size {self.keep_window_size} < max_model_len needs exact key relocation, but "
-                + "; ".join(problems)
-                + f". Serve with --max-model-len <= {self.keep_window_size} (then the folded bias is exact "
-                "on any backend)."
-            )
 
     def _mask_rows(self, total_rows: int) -> slice:
         """The mask rows this tensor-parallel rank owns: its attention heads' rows (legacy), or its kv
@@ -251,25 +237,15 @@ class DogeAttention(nn.Module):
         dt = (dt_input.unsqueeze(1) * self.dt_weight).sum(-1) + self.dt_bias
         bias = torch.exp(self.A.double() * F.softplus(dt.double()))
         if self.own_backend:
-            out = self.attn(q, k, v, bias.float().view(tokens, self.num_kv_heads, self.bias_channels))
-            out, _ = self.o_proj(out)
+            bias = bias.float().view(tokens, self.num_kv_heads, self.bias_channels)
+            out, _ = self.o_proj(self.attn(q, k, v, bias, positions))
             return out
         pad = self.padded_head_size - self.head_dim
         bias = bias.view(tokens, self.num_kv_heads, self.bias_channels).to(k.dtype)
         q = torch.cat([q.view(tokens, self.num_heads, self.head_dim), self.q_fold.expand(tokens, -1, -1)], -1)
-        if self.keep_window:  # each key's position, for the keep window's tie rule after relocation
-            digits = encode_positions(positions, self.position_digits, k.dtype)
-            bias = torch.cat([bias, digits[:, None, :].expand(-1, self.num_kv_heads, -1)], -1)
         k = torch.cat([k.view(tokens, self.num_kv_heads, self.head_dim), F.pad(bias, (0, pad - bias.shape[-1]))], -1)
         v = F.pad(v.view(tokens, self.num_kv_heads, self.head_dim), (0, pad))
-        if self.keep_window:
-            exact, use = torch.ops.vllm_doge.keep_window(
-                q, k, v, self.attn.layer_name, self.head_dim, self.keep_window_size, self.position_digits, self.scaling
-            )
         out = self.attn(q.view(tokens, -1), k.view(tokens, -1), v.view(tokens, -1))
-        out = out.view(tokens, self.num_heads, self.padded_head_size)
-        if self.keep_window:
-            out = torch.where(use[:, None, None], exact, out)
-        out = out[..., : self.head_dim]
+        out = out.view(tokens, self.num_heads, self.padded_head_size)[..., : self.head_dim]
         out, _ = self.o_proj(out.reshape(tokens, self.q_size))
         return out

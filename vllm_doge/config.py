@@ -87,7 +87,7 @@ class DogeConfigHook(VerifyAndUpdateConfig):
         binds = keep_window_binds(spec.keep_window, spec.sliding_window, model_config.max_model_len)
         if binds:
             refuse_with_keep_window(vllm_config, spec.keep_window)
-        choose_attention_path(vllm_config, binds)
+        choose_attention_path(vllm_config, spec.keep_window if binds else None)
 
 
 def refuse_with_keep_window(vllm_config, window: int) -> None:

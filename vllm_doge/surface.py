@@ -39,7 +39,7 @@ ALLOW_UNTESTED = "VLLM_DOGE_ALLOW_UNTESTED_VLLM"
 
 # Where a piece is needed.
 EVERYWHERE = "all"
-CPU = "cpu"  # vLLM's CPU platform (the keep window's cache access, the CPU attention path)
+CPU = "cpu"  # vLLM's CPU platform (DOGE_ATTN)
 LORA = "lora"  # --enable-lora
 
 # When the running vLLM is checked for it (see the module docstring).
@@ -89,8 +89,8 @@ NEEDS: tuple[Need, ...] = (
     Need("vllm.model_executor.models.config", "VerifyAndUpdateConfig", "the engine-config hook: vLLM calls these two "
          "static methods", stage=REGISTER, attrs=("verify_and_update_model_config", "verify_and_update_config")),
     Need("vllm.logger", "init_logger", "the plugin's log messages", stage=REGISTER, args=("name",)),
-    Need("vllm.v1.attention.backends.registry", "AttentionBackendEnum", "DOGE_ATTN registration; the keep window "
-         "runs on CPU_ATTN only", stage=REGISTER, attrs=("CPU_ATTN",)),
+    Need("vllm.v1.attention.backends.registry", "AttentionBackendEnum", "DOGE_ATTN registration (Attention looks "
+         "the backend's name up in it)", stage=REGISTER),
     Need("vllm.v1.attention.backends.registry", "register_backend", "registering the DOGE_ATTN backend by class path",
          stage=REGISTER, args=("backend", "class_path")),
     Need("vllm.platforms", "current_platform", "choosing the attention path and the CDMoE kernel", stage=REGISTER),
@@ -109,13 +109,15 @@ NEEDS: tuple[Need, ...] = (
          attrs=("cache_dtype", "enable_prefix_caching", "kv_offloading_size")),
     Need("vllm.config", "LoadConfig", "loading safetensors only (never pickled .bin)", stage=REGISTER,
          attrs=("load_format",)),
-    Need(f"{ATTN}.attention", "get_attention_context", "the keep window's and DOGE_ATTN's custom ops read the step's "
+    Need(f"{ATTN}.attention", "get_attention_context", "DOGE_ATTN's custom op reads the step's "
          "metadata, layer and KV cache", stage=REGISTER, args=("layer_name",)),
-    Need("vllm.utils.torch_utils", "direct_register_custom_op", "registering the keep-window and DOGE_ATTN custom ops",
+    Need("vllm.utils.torch_utils", "direct_register_custom_op", "registering DOGE_ATTN's custom op",
          stage=REGISTER, args=("op_name", "op_func"), kwargs=("mutates_args", "fake_impl", "target_lib")),
     # -- the model (model.py) ---------------------------------------------------------------------------------
     Need("vllm.compilation.decorators", "support_torch_compile", "torch.compile of DogeModel"),
     Need("vllm.config", "get_current_vllm_config", "the attention layers read LoRA and max_model_len from it"),
+    Need("vllm.config", "get_layers_from_vllm_config", "DOGE_ATTN's metadata builder reads its layers' keep window",
+         args=("vllm_config", "layer_type", "layer_names")),
     Need("vllm.distributed", "get_pp_group", "pipeline parallelism"),
     Need("vllm.distributed.parallel_state", "GroupCoordinator", "pipeline parallelism: first/last rank",
          attrs=("is_first_rank", "is_last_rank")),
@@ -180,7 +182,7 @@ NEEDS: tuple[Need, ...] = (
          args=("common_prefix_len", "common_attn_metadata"), kwargs=("fast_build",)),
     Need(BACKEND, "AttentionType", "decoder-only attention", attrs=("DECODER",)),
     Need(BACKEND, "CommonAttentionMetadata", "DOGE_ATTN's per-step metadata", attrs=("query_start_loc", "seq_lens",
-         "block_table_tensor", "slot_mapping", "num_actual_tokens", "causal")),
+         "block_table_tensor", "slot_mapping", "num_actual_tokens", "num_reqs", "causal")),
     Need(BACKEND, "MultipleOf", "DOGE_ATTN's block sizes", args=("base",)),
     Need("vllm.v1.kv_cache_interface", "AttentionSpec", "DOGE_ATTN's page size (dataclasses.replace of the spec)",
          attrs=("state_content_bytes", "head_size", "dtype")),
@@ -189,14 +191,6 @@ NEEDS: tuple[Need, ...] = (
     Need("vllm.model_executor.model_loader.weight_utils", "default_weight_loader", "CDMoE's expert tables",
          args=("param", "loaded_weight")),
     Need("vllm.model_executor.utils", "set_weight_attrs", "CDMoE's expert tables", args=("weight", "weight_attrs")),
-    # -- the keep window on vLLM's CPU backend (cpu_cache.py, keep_window.py) --------------------------------
-    Need(("vllm._cpu_ops", "vllm._custom_ops"), "cpu_attn_reshape_and_cache", "the keep window: probing the CPU "
-         "KV-cache page layout with the backend's own cache write", where=CPU,
-         args=("key", "value", "key_cache", "value_cache", "slot_mapping", "isa")),
-    Need("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata", "the keep window reads the CPU backend's "
-         "per-step metadata", where=CPU, attrs=("max_seq_len", "causal", "block_table", "seq_lens", "query_start_loc")),
-    Need("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder", "the keep window: the CPU builder sets "
-         "each layer's cache ISA (layer.isa)", where=CPU, attrs=("isa",)),
     # -- LoRA (lora.py, model.py's lora_manager) --------------------------------------------------------------
     Need("vllm.lora.model_manager", "LoRAModelManager", "LoRA: the manager attaches itself as model.lora_manager; "
          "adapter shape checks wrap _add_adapter; the CPU fix swaps its punica wrappers' class", where=LORA,
@@ -372,22 +366,6 @@ def require(stage: str, *, platform_is_cpu: bool | None = None) -> None:
     if os.environ.get(ALLOW_UNTESTED) != "1":
         raise RuntimeError(f"{message}\nInstall a vLLM that has them, or set {ALLOW_UNTESTED}=1 to try anyway.")
     logger.warning("%s\nTrying anyway (%s=1).", message, ALLOW_UNTESTED)
-
-
-def cpu_attn_reshape_and_cache():
-    """vLLM's CPU cache-write op wrapper, from vllm._cpu_ops (0.34 on) or vllm._custom_ops (before)."""
-    (need,) = [n for n in NEEDS if n.name == "cpu_attn_reshape_and_cache"]
-    for module_name in need.modules:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue
-        op = getattr(module, need.name, None)
-        if op is not None:
-            return op
-    raise RuntimeError(failure_message([_check_one_installed(need)], getattr(importlib.import_module("vllm"), "__version__", "?")))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Two paths compute the same attention:
 - DOGE_ATTN (CPU): K/V unpadded, the bias in fp32 beside them, the plugin's C++ kernels (ops.py);
 - the fold (attention.py) on vLLM's stock backend: the bias in a padded head channel. It serves GPUs,
-  quantized (fp8) KV caches, layers whose keep window binds (keep_window.py), and any CPU where the
-  kernels cannot be built or loaded (ops.load says why, once).
+  quantized (fp8) KV caches, and any CPU where the kernels cannot be built or loaded (ops.load says
+  why, once). A model whose keep window binds needs DOGE_ATTN (keep_window.py) and is refused elsewhere.
 
 The config hook decides once per engine and records the choice in ``additional_config``, which vLLM
 hashes into its compile cache key, so a cached graph of one path is never reused for the other.
@@ -35,8 +35,9 @@ def register() -> None:
         register_backend(BACKEND_NAME, "vllm_doge.backend.backend.DogeAttentionBackend")
 
 
-def choose_attention_path(vllm_config, keep_window_binds: bool) -> str:
-    """DOGE_ATTN where it serves exactly, else the fold; recorded in vllm_config.additional_config."""
+def choose_attention_path(vllm_config, keep_window: int | None) -> str:
+    """DOGE_ATTN where it serves exactly, else the fold; recorded in vllm_config.additional_config.
+    `keep_window`: W when the model's keep window binds (then only DOGE_ATTN serves it), else None."""
     from vllm.platforms import current_platform
 
     reason = None
@@ -45,15 +46,20 @@ def choose_attention_path(vllm_config, keep_window_binds: bool) -> str:
         reason = f"{FORCE}={FOLD}"
     elif not current_platform.is_cpu():
         reason = f"{BACKEND_NAME} runs on CPU only"
-    elif keep_window_binds:
-        reason = "the keep window binds (its layers relocate keys on the stock backend's cache)"
     elif cache_dtype != "auto":
-        reason = f"kv_cache_dtype {cache_dtype}: {BACKEND_NAME} stores K and V in the model's dtype"
+        reason = f"a quantized KV cache ({cache_dtype}): {BACKEND_NAME} stores K and V in the model's dtype"
     else:
         from . import ops
 
         if not ops.load():
             reason = "its C++ kernels are not available (see the warning above)"
+    if reason and keep_window:
+        raise ValueError(
+            f"Doge: keep_window_size {keep_window} < max_model_len {vllm_config.model_config.max_model_len} needs "
+            f"{BACKEND_NAME}, which keeps each query's top keys exactly, but {reason}. Serve with "
+            f"--max-model-len <= {keep_window} (then no query sees more than the window, and the folded bias "
+            "is exact on any backend)."
+        )
     path = FOLD if reason else BACKEND_NAME
     if reason is None:
         logger.info("Doge: attention on %s (kernels: %s).", BACKEND_NAME, ops.isa())

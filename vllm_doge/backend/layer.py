@@ -3,8 +3,8 @@
 ``Attention.forward`` carries q, k and v only, so this layer has a forward of its own that hands the
 bias to the backend through one opaque custom op (``torch.ops.vllm_doge.biased_attention``): it reads
 the step's metadata and the layer's cache from the forward context, which torch.compile must not trace,
-and writes the cache before it attends. Everything else (the spec, the cache binding, registration in
-the forward context) is vLLM's Attention.
+and writes the cache (past a keep window also relocating keys in it) before it attends. Everything
+else (the spec, the cache binding, registration in the forward context) is vLLM's Attention.
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ from .backend import DogeAttentionBackend, page_spec
 
 
 class DogeBiasAttention(Attention):
-    def __init__(self, num_heads: int, head_size: int, scale: float, *, num_kv_heads: int, bias_channels: int, **kwargs) -> None:
+    def __init__(
+        self, num_heads: int, head_size: int, scale: float, *, num_kv_heads: int, bias_channels: int,
+        keep_window: int = 0, **kwargs,
+    ) -> None:  # fmt: skip
+        """keep_window W > 0: the layer keeps each query's top-W keys by bias (a sliding window of W + 1
+        slots to vLLM, see keep_window.py)."""
+        if keep_window:
+            kwargs["per_layer_sliding_window"] = keep_window + 1
         super().__init__(
             num_heads,
             head_size,
@@ -26,15 +33,20 @@ class DogeBiasAttention(Attention):
             num_kv_heads=num_kv_heads,
             attn_backend=DogeAttentionBackend,
             bias_channels=bias_channels,
+            keep_window=keep_window,
             **kwargs,
         )
         self.bias_channels = bias_channels
+        self.keep_window = keep_window
 
     def get_kv_cache_spec(self, vllm_config):
-        return page_spec(super().get_kv_cache_spec(vllm_config), self.bias_channels)
+        return page_spec(super().get_kv_cache_spec(vllm_config), self.bias_channels, bool(self.keep_window))
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """query [T, H·d], key/value [T, KV·d], bias [T, KV, C] fp32 -> [T, H·d]."""
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """query [T, H·d], key/value [T, KV·d], bias [T, KV, C] fp32, positions [T] (keep window) -> [T, H·d]."""
         tokens = query.shape[0]
         output = torch.empty(tokens, self.num_heads, self.head_size, dtype=query.dtype, device=query.device)
         torch.ops.vllm_doge.biased_attention(
@@ -42,6 +54,7 @@ class DogeBiasAttention(Attention):
             key.view(tokens, self.num_kv_heads, self.head_size),
             value.view(tokens, self.num_kv_heads, self.head_size),
             bias,
+            positions if self.keep_window else None,
             output,
             self.layer_name,
         )
@@ -49,13 +62,19 @@ class DogeBiasAttention(Attention):
 
 
 def biased_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, output: torch.Tensor, layer_name: str
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor,
+    positions: torch.Tensor | None,
+    output: torch.Tensor,
+    layer_name: str,
 ) -> None:
     metadata, layer, kv_cache, _ = get_attention_context(layer_name)
-    layer.impl.forward_with_bias(query, key, value, bias, kv_cache, metadata, output)
+    layer.impl.forward_with_bias(query, key, value, bias, positions, kv_cache, metadata, output)
 
 
-def _biased_attention_fake(query, key, value, bias, output, layer_name: str) -> None:
+def _biased_attention_fake(query, key, value, bias, positions, output, layer_name: str) -> None:
     return None
 
 

@@ -23,7 +23,7 @@ from vllm.logger import init_logger
 logger = init_logger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("cache_write.cpp", "attention.cpp", "attention_portable.cpp", "attention_avx512.cpp")
+_SOURCES = ("cache_write.cpp", "attention.cpp", "attention_portable.cpp", "attention_avx512.cpp", "keep_window.cpp")
 _NAME = "vllm_doge_kernels"
 
 
@@ -117,6 +117,27 @@ def attention(out: torch.Tensor, query: torch.Tensor, cache: torch.Tensor, query
                                   int(sliding_window), int(bias_channels))
 
 
+def keep_window_positions(cache: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, head_dim: int,
+                          bias_channels: int) -> None:
+    """A keep-window layer's cells: the int32 position of each token's key at slot_mapping (< 0 skips)."""
+    torch.ops.vllm_doge.keep_window_positions(cache, positions, slot_mapping, int(head_dim), int(bias_channels))
+
+
+def keep_window_decode(cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                       block_table: torch.Tensor, window: int, head_dim: int) -> None:
+    """One-query requests at p >= W: the lowest-ranked of slots p-W … p leaves (slot p-W's entry moves onto
+    its slot), so that slots p-W+1 … p hold the query's kept keys (keep_window.py)."""
+    torch.ops.vllm_doge.keep_window_decode(cache, query_start_loc, seq_lens, block_table, int(window), int(head_dim))
+
+
+def keep_window_prefill(out: torch.Tensor, query: torch.Tensor, cache: torch.Tensor, query_start_loc: torch.Tensor,
+                        seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float, window: int) -> None:
+    """Requests of several queries: exact rows over each query's top-W keys, then the kept keys packed into
+    the window's slots (keep_window.py). One-query requests are left alone."""
+    torch.ops.vllm_doge.keep_window_prefill(out, query, cache, query_start_loc, seq_lens, block_table, float(scale),
+                                            int(window))
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("vllm_doge::cache_write")
     def _(key, value, bias, cache, slot_mapping):
@@ -126,3 +147,14 @@ def _register_fakes() -> None:
     def _(out, query, cache, query_start_loc, seq_lens, block_table, scale, sliding_window, bias_channels):
         return None
 
+    @torch.library.register_fake("vllm_doge::keep_window_positions")
+    def _(cache, positions, slot_mapping, head_dim, bias_channels):
+        return None
+
+    @torch.library.register_fake("vllm_doge::keep_window_decode")
+    def _(cache, query_start_loc, seq_lens, block_table, window, head_dim):
+        return None
+
+    @torch.library.register_fake("vllm_doge::keep_window_prefill")
+    def _(out, query, cache, query_start_loc, seq_lens, block_table, scale, window):
+        return None

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <mutex>
@@ -20,6 +21,8 @@ namespace {
 struct Config {
   Isa isa = Isa::portable;
   int gemm = -1;  // VLLM_DOGE_BRGEMM: -1 auto, 0 never, 1 whenever the dtype allows
+  bool widen = false;  // VLLM_DOGE_BF16=fp32 (or auto where vdpbf16ps is slow): bf16 items of >= 16 rows
+                       // not on brgemm run widened to fp32; dot: always the vdpbf16ps tiles
 };
 
 std::mutex config_mutex;
@@ -49,6 +52,12 @@ Config resolve() {
   std::string gs = g && *g ? g : "auto";
   TORCH_CHECK(gs == "auto" || gs == "0" || gs == "1", "VLLM_DOGE_BRGEMM must be auto, 0 or 1");
   c.gemm = gs == "auto" ? -1 : std::stoi(gs);
+  const char* w = std::getenv("VLLM_DOGE_BF16");
+  std::string ws = w && *w ? w : "auto";
+  TORCH_CHECK(ws == "auto" || ws == "dot" || ws == "fp32", "VLLM_DOGE_BF16 must be auto, dot or fp32");
+#if defined(__x86_64__)
+  if (c.isa == Isa::avx512) c.widen = ws == "fp32" || (ws == "auto" && bf16_dot_slow());
+#endif
   return c;
 }
 
@@ -62,11 +71,12 @@ Config current() {
 }
 
 // Whether items of dtype dt with at least 16 stacked rows go through oneDNN's brgemm (bf16 with AMX: 4x the
-// hand-written tiles on prefill; fp32: ~7% faster).
+// hand-written tiles on prefill; fp32: ~7% faster). VLLM_DOGE_BRGEMM=1 also takes oneDNN's bf16 ukernel
+// without AMX (avx512_core_bf16), which auto leaves to the hand-written tiles.
 bool use_gemm(const Config& c, Dt dt) {
 #if defined(__x86_64__)
   if (c.isa != Isa::avx512 || c.gemm == 0 || dt == Dt::f16) return false;
-  return brgemm_usable(dt);
+  return brgemm_usable(dt, c.gemm == 1);
 #else
   return false;
 #endif
@@ -75,7 +85,11 @@ bool use_gemm(const Config& c, Dt dt) {
 std::string describe(const Config& c) {
   std::string s = c.isa == Isa::avx512 ? "avx512" : "portable";
   if (use_gemm(c, Dt::bf16)) s += "+brgemm(bf16)";
+#if defined(__x86_64__)
+  if (use_gemm(c, Dt::bf16) && amx_usable()) s += "+amx(bf16<=16rows)";
+#endif
   if (use_gemm(c, Dt::f32)) s += "+brgemm(fp32)";
+  if (c.widen) s += use_gemm(c, Dt::bf16) ? "+bf16-fp32-tiles(when no brgemm)" : "+bf16-fp32-tiles";
   return s;
 }
 
@@ -137,9 +151,20 @@ Plan schedule(const Params& p, int B, int threads) {
     }
     plan.items = std::move(out);
   }
-  // Longest first, then taken dynamically: causal prefill items differ a lot in cost.
-  std::stable_sort(plan.items.begin(), plan.items.end(), [](const Item& a, const Item& b) {
-    return int64_t(a.nrows) * (a.blk1 - a.blk0) > int64_t(b.nrows) * (b.blk1 - b.blk0);
+  // Taken dynamically in this order. Items of one (request, kv head) stay together, longest first, so that
+  // its pages, read by each of its row chunks, are still in L2 for the next one (interleaving kv heads made
+  // the working set 4x larger and AMX waited on L3); the groups go longest first too, for the balance of
+  // causal prefill items of very different cost.
+  auto cost = [](const Item& a) { return int64_t(a.nrows) * (a.blk1 - a.blk0); };
+  std::vector<int64_t> group_cost(size_t(B) * p.kv_heads, 0);
+  for (const Item& it : plan.items) {
+    int64_t& c = group_cost[size_t(it.b) * p.kv_heads + it.g];
+    c = std::max(c, cost(it));
+  }
+  std::stable_sort(plan.items.begin(), plan.items.end(), [&](const Item& a, const Item& b) {
+    const size_t ga = size_t(a.b) * p.kv_heads + a.g, gb = size_t(b.b) * p.kv_heads + b.g;
+    if (ga != gb) return group_cost[ga] != group_cost[gb] ? group_cost[ga] > group_cost[gb] : ga < gb;
+    return cost(a) > cost(b);
   });
   return plan;
 }
@@ -196,7 +221,7 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& cache
   TORCH_CHECK(KV > 0 && H % KV == 0, "num_heads ", H, " is not a multiple of num_kv_heads ", KV);
   TORCH_CHECK(C == 1 || C == H / KV, "bias_channels must be 1 or num_heads / num_kv_heads");
   TORCH_CHECK(d % 2 == 0 && bs % 2 == 0, "head_dim and block size must be even");
-  TORCH_CHECK(cache.size(3) * e == 2 * d * e + 4 * C, "cache cell size does not match head_dim ", d, " and ", C,
+  TORCH_CHECK(cell_fits(cache.size(3) * e, d, e, C), "cache cell size does not match head_dim ", d, " and ", C,
               " bias channels");
   if (B == 0 || query.size(0) == 0) return;
 
@@ -225,6 +250,11 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& cache
   const Config cfg = current();
   const bool vec = cfg.isa == Isa::avx512 && d % 16 == 0 && bs % 16 == 0;
   const bool gemm = vec && use_gemm(cfg, p.geo.dt);
+#if defined(__x86_64__)
+  const bool amx = gemm && p.geo.dt == Dt::bf16 && d % 64 == 0 && bs % 32 == 0 && amx_usable();
+#else
+  const bool amx = false;
+#endif
   const int threads = at::get_num_threads();
   const Plan plan = schedule(p, B, threads);
 
@@ -232,34 +262,55 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& cache
   Partials parts{part_buf.data(), part_buf.data() + size_t(plan.parts) * plan.m_max * d, plan.m_max};
   std::atomic<int64_t> next{0};
   const int64_t n_items = int64_t(plan.items.size());
-  at::parallel_for(0, std::min<int64_t>(threads, n_items), 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = std::min<int64_t>(threads, n_items);
+  const int ld = gemm ? std::max(bs, gemm_chunk(bs)) : bs;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const size_t M = plan.m_max;
-    std::vector<float> buf(M * d * 2 + M * bs * 2 + M * 3 + size_t(bs) * d + 64);
-    float* f = buf.data();
+    // Grown, never shrunk or cleared: OpenMP keeps its threads, so decode calls allocate nothing. Every array
+    // starts on a cache line: a large vector comes from mmap at page + 16 bytes, which split every 64-byte
+    // access of the tiles (and brgemm's) in two and cost prefill up to 35%, varying with the heap's history.
+    thread_local std::vector<float> buf;
+    auto up = [](size_t n) { return (n + 15) / 16 * 16; };
+    const size_t need = 2 * up(M * d) + 2 * up(M * size_t(ld)) + 4 * up(M) + up(size_t(2) * bs * d) + 16;
+    if (buf.size() < need) buf.resize(need);
+    float* f = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    auto take = [&](size_t n) {
+      float* r = f;
+      f += up(n);
+      return r;
+    };
     Scratch s;
-    s.q = f;
-    s.o = s.q + M * d;
-    s.s = s.o + M * d;
-    s.p = s.s + M * bs;
-    s.mx = s.p + M * bs;
-    s.sum = s.mx + M;
-    s.alpha = s.sum + M;
-    s.v = s.alpha + M;
+    s.q = take(M * d);
+    s.o = take(M * d);
+    s.s = take(M * size_t(ld));
+    s.p = take(M * size_t(ld));
+    s.mx = take(M);
+    s.sum = take(M);
+    s.alpha = take(M);
+    s.cmax = take(M);
+    s.v = take(size_t(2) * bs * d);
+    s.ld = ld;
     bool used_gemm = false;
     (void)begin, (void)end;  // one task per thread; items are taken from a shared counter
-    {
-      for (int64_t i = next++; i < n_items; i = next++) {
-        const Item& it = plan.items[i];
+    for (int64_t i = next++; i < n_items; i = next++) {
+      const Item& it = plan.items[i];
 #if defined(__x86_64__)
-        if (vec) {
-          const bool g = gemm && it.nrows * p.group >= 16;
-          used_gemm |= g;
-          attend_avx512(p, it, s, parts, g);
-          continue;
-        }
-#endif
-        attend_portable(p, it, s, parts);
+      if (vec) {
+        const int rows = it.nrows * p.group;
+        const bool g = gemm && rows >= 16;
+        used_gemm |= g;
+        const Path path = g ? Path::gemm
+                          : amx && rows <= 16 ? Path::amx
+                          : cfg.widen && p.geo.dt == Dt::bf16 && rows >= 16 ? Path::widen
+                                                                            : Path::loops;
+        used_gemm |= path == Path::amx;  // its tile configuration replaced brgemm's: release both
+        // Items are taken in turn, so this thread's next one is most likely `tasks` further on.
+        const Item* nx = i + tasks < n_items ? &plan.items[i + tasks] : nullptr;
+        attend_avx512(p, it, s, parts, path, nx ? p.page(nx->b, nx->blk0, nx->g) : nullptr);
+        continue;
       }
+#endif
+      attend_portable(p, it, s, parts);
     }
 #if defined(__x86_64__)
     if (used_gemm) brgemm_done();

@@ -54,8 +54,8 @@ void cache_write(const at::Tensor& key, const at::Tensor& value, const at::Tenso
   TORCH_CHECK(cache.dim() == 4 && cache.size(1) == key.size(1), "cache must be [num_blocks, KV, BS, cell]");
   const int64_t e = cache.element_size(), d = key.size(2), C = bias.size(2), bs = cache.size(2);
   TORCH_CHECK(d % 2 == 0 && bs % 2 == 0, "head_dim and block size must be even");
-  TORCH_CHECK(cache.size(3) * e == 2 * d * e + 4 * C, "cache cell size does not match head_dim ", d,
-              " and ", C, " bias channels");
+  TORCH_CHECK(cell_fits(cache.size(3) * e, d, e, C), "cache cell size does not match head_dim ", d, " and ", C,
+              " bias channels");
   TORCH_CHECK(cache.stride(3) == 1 && cache.stride(2) == cache.size(3), "each cache page must be contiguous");
   Dt dt = cache.scalar_type() == at::kFloat ? Dt::f32 : (cache.scalar_type() == at::kBFloat16 ? Dt::bf16 : Dt::f16);
   TORCH_CHECK(e == 4 || e == 2, "cache dtype must be fp32, bf16 or fp16");

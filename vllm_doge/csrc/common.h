@@ -61,16 +61,20 @@ struct Item {
   int32_t b, g, row0, nrows, blk0, blk1, part;
 };
 
-// Per-thread buffers, sized for the largest item (m_max rows).
+// Per-thread buffers, sized for the largest item (m_max rows). Rows of s and p are `ld` floats apart
+// (ld = bs, or the key chunk of several blocks the brgemm path scores at once).
 struct Scratch {
   float* q;      // [m_max][d] (fp32 or raw 16-bit rows)
-  float* s;      // [m_max][bs] scores
-  float* p;      // [m_max][bs] probabilities (fp32, or bf16 in the first half)
+  float* s;      // [m_max][ld] scores
+  float* p;      // [m_max][ld] probabilities (fp32, or bf16 rows of ld elements)
   float* o;      // [m_max][d] accumulator
   float* mx;     // [m_max] running max
   float* sum;    // [m_max] running sum
   float* alpha;  // [m_max] rescale of this block
-  float* v;      // [bs][d] zero-padded copy of a partial last block (brgemm)
+  float* cmax;   // [m_max] max of the current chunk's scores
+  float* v;      // [2][bs][d]: a zero-padded copy of a partial last block's V (brgemm), or one page widened
+                 // to the fp32 layout (bf16 items on the fp32 tiles)
+  int ld;
 };
 
 struct Partials {
@@ -84,9 +88,30 @@ void store_rows_portable(const Params& p, int b, int g, int row0, int nrows, con
 
 #if defined(__x86_64__)
 bool avx512_supported();
-void attend_avx512(const Params& p, const Item& it, const Scratch& s, const Partials& parts, bool gemm);
-bool brgemm_usable(Dt dt);
+// How an item runs: hand-written tiles on the page's dtype; oneDNN brgemm (>= 16 rows); bf16 only: each page
+// widened to fp32 once and the fp32 tiles (>= 16 rows, CPUs whose vdpbf16ps is slow next to their FMA, see
+// bf16_dot_slow), or AMX tiles written here (<= 16 rows: decode, speculative verification; see amx_usable).
+// pf: a page of the item this thread likely runs next (prefetched during the last block), or null.
+enum class Path : int { loops = 0, gemm = 1, widen = 2, amx = 3 };
+void attend_avx512(const Params& p, const Item& it, const Scratch& s, const Partials& parts, Path path,
+                   const char* pf);
+// Whether vdpbf16ps runs below ~half the MAC rate of fp32 FMA here (a micro-benchmark, run once): then bf16
+// rows in numbers (prefill without AMX) go faster widened to fp32 (Intel cores: ~3 FMA times per vdpbf16ps)
+// than on the vdpbf16ps tiles (AMD Zen 4/5: about one).
+bool bf16_dot_slow();
+bool amx_usable();
+// Keys per chunk of the brgemm path: scores of up to this many keys (whole blocks) go through one softmax
+// pass, so both ukernels run back to back per chunk rather than alternating per block.
+int gemm_chunk(int bs);
+bool brgemm_usable(Dt dt, bool force);
 void brgemm_done();
 #endif
+
+// A cell is one token's K, V and fp32 biases; a keep-window layer's adds its key's int32 position
+// (keep_window.cpp), which attention and cache_write leave alone.
+inline bool cell_fits(int64_t cell_bytes, int64_t d, int64_t e, int64_t c) {
+  const int64_t base = 2 * d * e + 4 * c;
+  return cell_bytes == base || cell_bytes == base + 4;
+}
 
 }  // namespace vllm_doge
