@@ -47,8 +47,10 @@ CATEGORIES = [
     # for the SiLU-and-mul next to a GEMM): match them before any aten name.
     ("compiled kernels (inductor)", r"cpp_fused|graph_\d+_kernel|kernel_cpp"),
     ("compiled-graph wrappers", r"Call CompiledFxGraph|Torch-Compiled Region|CompiledFunction|Pregraph bytecode|AOTDispatcher"),
-    ("attention kernel", r"cpu_attention_with_kv_cache|cpu_attn_|unified_attention|paged_attention"),
-    ("KV cache write", r"reshape_and_cache|unified_kv_cache_update|kv_cache_update"),
+    ("attention kernel", r"cpu_attention_with_kv_cache|cpu_attn_|unified_attention|paged_attention|vllm_doge::attention$|vllm_doge::keep_window_prefill"),
+    ("keep window relocation", r"vllm_doge::keep_window_(decode|positions)"),
+    ("KV cache write", r"reshape_and_cache|unified_kv_cache_update|kv_cache_update|vllm_doge::cache_write"),
+    ("DOGE_ATTN op (Python glue)", r"vllm_doge::biased_attention"),
     ("GEMM (linear, lm_head)", r"aten::(addmm|mm|bmm|matmul|linear|baddbmm)$|onednn|mkldnn|_C::.*gemm|_C::.*mm$|extern_kernels"),
     ("embedding / gather", r"aten::(embedding|index_select|gather|embedding_bag|_embedding_bag|index)$"),
     ("RMSNorm", r"rms_norm"),
