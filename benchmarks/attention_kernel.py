@@ -9,7 +9,12 @@ Two comparisons:
   fold160  ours at head_dim 128 with its bias channel against vLLM at head_dim 160, the size today's fold
            of the bias into q/k needs (what the Doge backend replaces).
 Runs alternate (ours, vLLM, ours, ...) and each cell reports medians. Prefill of B = 16 x 2048 tokens is
-left out (tens of seconds per call in fp32 on one core). Writes benchmarks/results/attention-kernel.{json,md}.
+left out (tens of seconds per call in fp32 on one core).
+
+A second table, "no-AMX emulation" (bf16 only), reruns the bf16 cells in a child process with
+ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (oneDNN, hence our auto path, sees no AMX) against vLLM's `vec` ISA:
+the setting of an AVX512_BF16 machine without AMX (e.g. AMD EPYC), where the issue's target was set.
+Writes benchmarks/results/attention-kernel.{json,md}.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,7 +77,12 @@ def make_ours(q_lens, seq_lens, d, dtype, gen):
     return lambda: ops.attention(out, q, cache, qsl, sl, table, d**-0.5, 0, 1)
 
 
+VLLM_ISA_OVERRIDE: str | None = None  # "vec" in the no-AMX child
+
+
 def vllm_isa(dtype, d) -> str:
+    if VLLM_ISA_OVERRIDE:
+        return VLLM_ISA_OVERRIDE
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     return _get_attn_isa(dtype, BS, d)
@@ -125,18 +139,9 @@ def measure(a, b, budget_s: float, rounds: int) -> tuple[float, float]:
     return statistics.median(ta), statistics.median(tb)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one dtype, one thread count, short budget")
-    parser.add_argument("--budget", type=float, default=0.6, help="seconds per cell (both systems)")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    assert ops.load(), "the vllm_doge kernels did not build"
-    flags = cpu_flags()
+def run_cells(dtypes, threads_list, budget, rounds, table) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
-    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
-    threads_list = [1] if args.quick else [1, 2]
     for dtype in dtypes:
         for threads in threads_list:
             torch.set_num_threads(threads)
@@ -149,33 +154,84 @@ def main() -> None:
                         ours = make_ours(q_lens, seq_lens, 128, dtype, gen)
                         for cmp, vd in (("d128", 128), ("fold160", 160)):
                             theirs = make_vllm(q_lens, seq_lens, vd, dtype, gen)
-                            t_ours, t_vllm = measure(ours, theirs, args.budget, args.rounds)
-                            row = {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "mode": mode,
-                                   "B": B, "L": L, "compare": cmp, "ours_us": round(t_ours, 1),
+                            t_ours, t_vllm = measure(ours, theirs, budget, rounds)
+                            row = {"table": table, "dtype": str(dtype).removeprefix("torch."), "threads": threads,
+                                   "mode": mode, "B": B, "L": L, "compare": cmp, "ours_us": round(t_ours, 1),
                                    "vllm_us": round(t_vllm, 1), "ratio": round(t_ours / t_vllm, 3),
                                    "ours_path": ops.isa(), "vllm_isa": vllm_isa(dtype, vd)}
                             rows.append(row)
-                            print(f"{row['dtype']:8s} t={threads} {mode:7s} B={B:2d} L={L:4d} {cmp:7s} "
+                            print(f"{table:6s} {row['dtype']:8s} t={threads} {mode:7s} B={B:2d} L={L:4d} {cmp:7s} "
                                   f"ours {t_ours:9.1f} us  vllm {t_vllm:9.1f} us  ratio {row['ratio']:.2f}",
                                   flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    meta = {"cpu": flags, "torch": torch.__version__, "heads": HEADS, "kv_heads": KV_HEADS, "block_size": BS,
-            "ours_path": ops.isa()}
-    (RESULTS / "attention-kernel.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return rows
+
+
+def table_lines(rows) -> list[str]:
     lines = [
-        "# Doge CPU attention kernel vs vLLM cpu_attention_with_kv_cache",
-        "",
-        f"CPU: {flags['model']}; amx_bf16={flags['amx_bf16']} avx512_bf16={flags['avx512_bf16']} "
-        f"avx2={flags['avx2']}. torch {torch.__version__}. Heads {HEADS}/{KV_HEADS} (GQA 2:1), block size {BS}. "
-        f"Ours ran `{ops.isa()}`. Medians of {args.rounds} alternating rounds, microseconds per call.",
-        "d128: both head_dim 128 without bias; fold160: ours head_dim 128 + bias channel vs vLLM head_dim 160.",
-        "",
         "| dtype | threads | mode | B | L | compare | ours (us) | vLLM (us) | ours/vLLM | vLLM isa |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['dtype']} | {r['threads']} | {r['mode']} | {r['B']} | {r['L']} | {r['compare']} | "
                      f"{r['ours_us']} | {r['vllm_us']} | {r['ratio']:.2f} | {r['vllm_isa']} |")
+    return lines
+
+
+def main() -> None:
+    global VLLM_ISA_OVERRIDE
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one dtype, one thread count, short budget")
+    parser.add_argument("--budget", type=float, default=0.6, help="seconds per cell (both systems)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-amx", action="store_true", help="skip the no-AMX emulation table")
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)  # the no-AMX child: write its rows here
+    args = parser.parse_args()
+    assert ops.load(), "the vllm_doge kernels did not build"
+    threads_list = [1] if args.quick else [1, 2]
+    if args.child_out:
+        VLLM_ISA_OVERRIDE = "vec"
+        rows = run_cells([torch.bfloat16], threads_list, args.budget, args.rounds, "no-amx")
+        Path(args.child_out).write_text(json.dumps({"ours_path": ops.isa(), "rows": rows}))
+        return
+    flags = cpu_flags()
+    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
+    rows = run_cells(dtypes, threads_list, args.budget, args.rounds, "amx")
+    child = {"ours_path": None, "rows": []}
+    if not args.no_amx:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "rows.json")
+            cmd = [sys.executable, "-m", "benchmarks.attention_kernel", "--child-out", out, "--budget",
+                   str(args.budget), "--rounds", str(args.rounds)] + (["--quick"] if args.quick else [])
+            env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+            subprocess.run(cmd, env=env, check=True, cwd=Path(__file__).resolve().parent.parent)
+            child = json.loads(Path(out).read_text())
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"cpu": flags, "torch": torch.__version__, "heads": HEADS, "kv_heads": KV_HEADS, "block_size": BS,
+            "ours_path": ops.isa(), "ours_path_no_amx": child["ours_path"]}
+    (RESULTS / "attention-kernel.json").write_text(
+        json.dumps({"meta": meta, "rows": rows + child["rows"]}, indent=1) + "\n")
+    lines = [
+        "# Doge CPU attention kernel vs vLLM cpu_attention_with_kv_cache",
+        "",
+        f"CPU: {flags['model']}; amx_bf16={flags['amx_bf16']} avx512_bf16={flags['avx512_bf16']} "
+        f"avx2={flags['avx2']}. torch {torch.__version__}. Heads {HEADS}/{KV_HEADS} (GQA 2:1), block size {BS}. "
+        f"Medians of {args.rounds} alternating rounds, microseconds per call.",
+        "d128: both head_dim 128 without bias; fold160: ours head_dim 128 + bias channel vs vLLM head_dim 160.",
+        "",
+        f"## This CPU (AMX): ours ran `{ops.isa()}`, vLLM its own choice of ISA",
+        "",
+        *table_lines(rows),
+    ]
+    if child["rows"]:
+        lines += [
+            "",
+            f"## No-AMX emulation: ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, ours ran `{child['ours_path']}`, "
+            "vLLM forced to `vec`",
+            "",
+            "What an AVX512_BF16 CPU without AMX (the issue's AMD EPYC) would run, on this CPU's cores and caches.",
+            "",
+            *table_lines(child["rows"]),
+        ]
     (RESULTS / "attention-kernel.md").write_text("\n".join(lines) + "\n")
 
 

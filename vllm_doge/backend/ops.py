@@ -42,7 +42,7 @@ def load() -> bool:
     if not _build():
         return False
     try:
-        path = isa()  # also validates VLLM_DOGE_ISA / VLLM_DOGE_BRGEMM
+        path = isa()  # also validates VLLM_DOGE_ISA / VLLM_DOGE_BRGEMM / VLLM_DOGE_BF16
     except RuntimeError as exc:
         logger.warning("Doge: CPU kernels unavailable: %s", str(exc).strip().splitlines()[0])
         return False
@@ -85,7 +85,9 @@ def isa() -> str:
 
 
 def reconfigure() -> str:
-    """Re-read VLLM_DOGE_ISA (auto | portable | avx512) and VLLM_DOGE_BRGEMM (auto | 0 | 1); returns `isa()`."""
+    """Re-read VLLM_DOGE_ISA (auto | portable | avx512), VLLM_DOGE_BRGEMM (auto | 0 | 1) and VLLM_DOGE_BF16
+    (auto | dot | fp32: bf16 products on vdpbf16ps or widened to fp32, auto measured once); returns `isa()`.
+    The keep-window ops read VLLM_DOGE_ISA at every call."""
     return torch.ops.vllm_doge.reconfigure()
 
 
