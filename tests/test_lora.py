@@ -200,6 +200,7 @@ def test_faults_put_back_fail(dense, adapters, references, monkeypatch):
     class WithoutLora:  # what DogeAttention reads of the config, minus LoRA: it folds dt_proj
         def __init__(self, config):
             self.model_config, self.lora_config = config.model_config, None
+            self.additional_config = config.additional_config  # the attention path the config hook chose
 
     monkeypatch.setattr(vllm_doge.attention, "get_current_vllm_config", lambda: WithoutLora(real()))
     monkeypatch.setattr(vllm_doge.lora, "exact_base_rows", lambda manager: None)
