@@ -55,9 +55,9 @@ def batch_shape(mode: str, B: int, L: int):
     return q_lens, [L] * B
 
 
-def make_ours(q_lens, seq_lens, d, dtype, gen):
+def paged(seq_lens, gen):
+    """Blocks per request, a block table over a random permutation of the blocks, every token's slot."""
     nblk = [math.ceil(s / BS) for s in seq_lens]
-    cache = torch.zeros(sum(nblk), KV_HEADS, BS, ops.cell_elements(d, 1, dtype), dtype=dtype)
     table = torch.zeros(len(seq_lens), max(nblk), dtype=torch.int32)
     perm = torch.randperm(sum(nblk), generator=gen).to(torch.int32)
     slots, start = [], 0
@@ -65,11 +65,17 @@ def make_ours(q_lens, seq_lens, d, dtype, gen):
         table[b, :n] = perm[start: start + n]
         start += n
         slots += [int(table[b, j // BS]) * BS + j % BS for j in range(s)]
+    return sum(nblk), table, torch.tensor(slots)
+
+
+def make_ours(q_lens, seq_lens, d, dtype, gen):
+    blocks, table, slots = paged(seq_lens, gen)
+    cache = torch.zeros(blocks, KV_HEADS, BS, ops.cell_elements(d, 1, dtype), dtype=dtype)
     T = sum(seq_lens)
     k = torch.randn(T, KV_HEADS, d, generator=gen).to(dtype)
     v = torch.randn(T, KV_HEADS, d, generator=gen).to(dtype)
     bias = torch.randn(T, KV_HEADS, 1, generator=gen)
-    ops.cache_write(k, v, bias, cache, torch.tensor(slots))
+    ops.cache_write(k, v, bias, cache, slots)
     q = torch.randn(sum(q_lens), HEADS, d, generator=gen).to(dtype)
     qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
     out = torch.empty_like(q)
@@ -92,20 +98,13 @@ def make_vllm(q_lens, seq_lens, d, dtype, gen):
     from vllm import _custom_ops as vops
 
     isa = vllm_isa(dtype, d)
-    nblk = [math.ceil(s / BS) for s in seq_lens]
-    kv_cache = torch.zeros(sum(nblk), KV_HEADS, BS, 2 * d, dtype=dtype)
-    key_cache, value_cache = kv_cache.view(sum(nblk), KV_HEADS, BS * 2, d).chunk(2, dim=2)
-    table = torch.zeros(len(seq_lens), max(nblk), dtype=torch.int32)
-    perm = torch.randperm(sum(nblk), generator=gen).to(torch.int32)
-    slots, start = [], 0
-    for b, (n, s) in enumerate(zip(nblk, seq_lens)):
-        table[b, :n] = perm[start: start + n]
-        start += n
-        slots += [int(table[b, j // BS]) * BS + j % BS for j in range(s)]
+    blocks, table, slots = paged(seq_lens, gen)
+    kv_cache = torch.zeros(blocks, KV_HEADS, BS, 2 * d, dtype=dtype)
+    key_cache, value_cache = kv_cache.view(blocks, KV_HEADS, BS * 2, d).chunk(2, dim=2)
     T = sum(seq_lens)
     k = torch.randn(T, KV_HEADS, d, generator=gen).to(dtype)
     v = torch.randn(T, KV_HEADS, d, generator=gen).to(dtype)
-    vops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, torch.tensor(slots), isa)
+    vops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
     q = torch.randn(sum(q_lens), HEADS, d, generator=gen).to(dtype)
     qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
     out = torch.empty_like(q)

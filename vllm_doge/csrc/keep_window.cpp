@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "common.h"
+#include "vec_avx512.h"
 
 namespace vllm_doge {
 namespace {
@@ -494,24 +495,6 @@ void softmax_portable(ItemBuffers& buf, int R, int G, int np, int n, int64_t a, 
 }
 
 #if defined(__x86_64__)
-// exp(x) for x <= 0 (softmax arguments): x = n ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor
-// polynomial (truncation < 3e-9 relative), times 2^n by vscalefps (0 below the fp32 range).
-KW_AVX512 inline __m512 exp_avx512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 split: hi exact in 9 bits
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 KW_AVX512 inline __mmask16 keep_mask(const ItemBuffers& buf, int j, __m512i iv, __m512i tv) {
   const __m512i s0 = _mm512_loadu_si512(buf.cslot.data() + j), s1 = _mm512_loadu_si512(buf.cslot.data() + j + 8);
@@ -538,7 +521,7 @@ KW_AVX512 void softmax_avx512(ItemBuffers& buf, int R, int G, int np, int64_t a,
     for (int j = 0; j < np; j += 16) {
       const __mmask16 k = keep_mask(buf, j, iv, tv);
       const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(s + j), sc, _mm512_loadu_ps(buf.cbias.data() + j));
-      const __m512 w = _mm512_maskz_mov_ps(k, exp_avx512(_mm512_sub_ps(x, mv)));
+      const __m512 w = _mm512_maskz_mov_ps(k, exp_ps(_mm512_sub_ps(x, mv)));
       _mm512_storeu_ps(s + j, w);
       sum = _mm512_add_ps(sum, w);
     }
