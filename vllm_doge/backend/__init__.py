@@ -25,7 +25,6 @@ FOLD = "fold"
 FORCE = "VLLM_DOGE_ATTENTION"  # "fold" serves through the fold even where DOGE_ATTN could run
 
 
-
 def register() -> None:
     """Make DOGE_ATTN a name vLLM resolves (Attention looks the backend's name up in its enum); runs in
     every vLLM process, so the backend module itself is not imported here."""
