@@ -4,7 +4,7 @@
 nothing heavy: the model is registered by its "module:Class" name and imported lazily.
 
 The plugin reaches into vLLM pieces that are not a stable API (the config-hook table, attention-backend
-classes, layer constructors' keyword arguments, the CPU KV-cache page layout). surface.py lists each of
+classes and metadata, layer constructors' keyword arguments). surface.py lists each of
 them; instead of a version gate, `register()` checks that the installed vLLM has the ones registration
 needs (model.py and lora.py check the rest where they are used) and refuses a vLLM that lacks one,
 naming it, unless VLLM_DOGE_ALLOW_UNTESTED_VLLM=1 says to try.

@@ -162,8 +162,8 @@ class DogeAttention(nn.Module):
                 self.scaling,
                 num_kv_heads=self.num_kv_heads,
                 bias_channels=self.bias_channels,
-                keep_window=spec.keep_window if self.keep_window else 0,
-                per_layer_sliding_window=None if self.keep_window else sliding_window,
+                keep_window=spec.keep_window if self.keep_window else 0,  # then the layer is a window of W + 1
+                per_layer_sliding_window=sliding_window,
                 **attention_kwargs,
             )
             return
