@@ -1,8 +1,9 @@
 """Doge's dynamic-mask attention: projections, q/k norm, RoPE and the per-key bias
 b_j = exp(A · softplus(dt_proj(v_j))), then one of two paths (chosen per engine, backend/__init__.py):
 
-- DOGE_ATTN (CPU): k, v and the bias in fp32 go to the plugin's backend, which stores them unpadded and
-  adds the bias inside its kernel; past a keep window it also keeps each query's top-W keys.
+- DOGE_ATTN (CPU): k, v and the mask's inputs go to the plugin's backend, whose cache write computes the
+  bias and stores it in fp32 beside the unpadded k and v; its kernel adds the bias, and past a keep window
+  keeps each query's top-W keys.
 - the fold on a stock backend: the bias is folded into the cached keys,
 
     q' = [q, 1/scale, 0…]    k' = [k, b, 0…]    v' = [v, 0…]     (padded to a head size P > d)
@@ -233,13 +234,13 @@ class DogeAttention(nn.Module):
         # A token's bias must get the same bits in any batch, so that repeated tokens tie exactly in
         # layer 0 and the keep window's tie rule decides: a product and a sum per row, not a matrix
         # multiply, and softplus/exp in fp64 (their vectorised and scalar paths differ in the last bit).
+        # DOGE_ATTN computes it that way inside its cache write.
         dt_input = self._all_kv_values(v) if self.unfolded else hidden_states
+        if self.own_backend:
+            out = self.attn(q, k, v, dt_input, self.dt_weight, self.dt_bias, self.A, positions)
+            return self.o_proj(out)[0]
         dt = (dt_input.unsqueeze(1) * self.dt_weight).sum(-1) + self.dt_bias
         bias = torch.exp(self.A.double() * F.softplus(dt.double()))
-        if self.own_backend:
-            bias = bias.float().view(tokens, self.num_kv_heads, self.bias_channels)
-            out, _ = self.o_proj(self.attn(q, k, v, bias, positions))
-            return out
         pad = self.padded_head_size - self.head_dim
         bias = bias.view(tokens, self.num_kv_heads, self.bias_channels).to(k.dtype)
         q = torch.cat([q.view(tokens, self.num_heads, self.head_dim), self.q_fold.expand(tokens, -1, -1)], -1)

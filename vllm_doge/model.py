@@ -3,8 +3,10 @@
 Per decoder layer:
     x = input_residual ⊙ x + Attn(input_layernorm(x))
     x = post_attention_residual ⊙ x + MLP_or_CDMoE(post_attention_layernorm(x))
-The residual scales stop vLLM's fused add+RMSNorm from applying, so the residual stream is carried
-explicitly, one tensor between layers.
+The residual scales stop vLLM's fused add+RMSNorm from applying. Each scaled residual and the RMSNorm
+after it run as one op instead (on DOGE_ATTN, the plugin's kernel; elsewhere the torch expression): a
+layer hands its MLP output and scale on, and the next layer's input_layernorm (or the final norm) adds
+them in.
 """
 
 from collections.abc import Iterable
@@ -41,11 +43,15 @@ from vllm.sequence import IntermediateTensors
 from doge_format import LEGACY_RENAMES, DogeSpec, checked, expected_shapes
 
 from .attention import DogeAttention
+from .backend import BACKEND_NAME, attention_path, ops
 from .cdmoe import DogeCDMoE
 from .config import spec_of
 from . import lora
 
 LEGACY_NAMES = WeightsMapper(orig_to_new_substr=LEGACY_RENAMES)
+
+# A residual update a layer leaves to the next norm: (y, scale), the stream being scale ⊙ x + y.
+Pending = tuple[torch.Tensor, torch.Tensor]
 
 
 class DogeDecoderLayer(nn.Module):
@@ -75,9 +81,29 @@ class DogeDecoderLayer(nn.Module):
             )
         self.post_attention_residual = nn.Parameter(torch.ones(hidden), requires_grad=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_residual * x + self.self_attn(positions, self.input_layernorm(x))
-        return self.post_attention_residual * x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, pending: Pending | None
+    ) -> tuple[torch.Tensor, Pending]:
+        """The stream entering the layer is x, or scale ⊙ x + y for pending = (y, scale) (the previous
+        layer's MLP output and post_attention_residual); returns this layer's (x, pending)."""
+        fused = self.self_attn.own_backend
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = scaled_residual_norm(self.input_layernorm, x, *pending, fused=fused)
+        y = self.self_attn(positions, h)
+        x, h = scaled_residual_norm(self.post_attention_layernorm, x, y, self.input_residual, fused=fused)
+        return x, (self.mlp(h), self.post_attention_residual)
+
+
+def scaled_residual_norm(
+    norm: RMSNorm, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x', norm(x')) for x' = scale ⊙ x + y; fused: one pass in the plugin's kernel, with the same roundings."""
+    if fused:
+        return ops.residual_rms_norm(x, y, scale, norm.weight, norm.variance_epsilon)
+    x = scale * x + y
+    return x, norm(x)
 
 
 @support_torch_compile
@@ -108,6 +134,7 @@ class DogeModel(nn.Module):
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
+        self.fused_norms = attention_path(vllm_config) == BACKEND_NAME
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states"], spec.hidden_size
         )
@@ -126,11 +153,16 @@ class DogeModel(nn.Module):
             x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         else:
             x = intermediate_tensors["hidden_states"]
+        pending = None
         for layer in islice(self.layers, self.start_layer, self.end_layer):
-            x = layer(positions, x)
+            x, pending = layer(positions, x, pending)
         if not get_pp_group().is_last_rank:
+            if pending is not None:
+                x = pending[1] * x + pending[0]
             return IntermediateTensors({"hidden_states": x})
-        return self.norm(x)
+        if pending is None:
+            return self.norm(x)
+        return scaled_residual_norm(self.norm, x, *pending, fused=self.fused_norms)[1]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Stacked loading for q/k/v and gate/up; dt_proj is folded into each layer's attention."""

@@ -7,8 +7,8 @@ at d = 128 in bf16; a keep-window layer adds each slot's key position (int32). T
 is the kernels' (ops.py); vLLM only sizes, allocates, frees and shares pages, which stay a pure function
 of their tokens without a keep window (prefix caching holds).
 
-The impl writes the cache itself (the bias travels beside k and v) and attends with the bias added to
-every score, in the plugin's C++ kernels; past a keep window it relocates keys first (keep_window.py).
+The impl writes the cache itself, computing each key's bias on the way from the mask's inputs, and
+attends with the bias added to every score, in the plugin's C++ kernels; past a keep window it relocates keys first (keep_window.py).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class DogeAttentionMetadata:
     query_start_loc: torch.Tensor  # [R + 1] int32
     seq_lens: torch.Tensor  # [R] int32, keys of each request after this step
     block_table: torch.Tensor  # [R, max blocks] int32
-    slot_mapping: torch.Tensor  # [tokens] int64
+    slot_mapping: torch.Tensor  # [num_actual_tokens] int64
     # Keep-window layers (the step plan, shared by the group's layers): chunks of several queries go to
     # the exact top-W prefill op; one-query requests to the windowed attention, all of them (None) or
     # `decode` (a mixed step), or none (`has_decode` False).
@@ -126,7 +126,7 @@ class DogeAttentionMetadataBuilder(AttentionMetadataBuilder[DogeAttentionMetadat
             query_start_loc=m.query_start_loc,
             seq_lens=m.seq_lens,
             block_table=m.block_table_tensor,
-            slot_mapping=m.slot_mapping,
+            slot_mapping=m.slot_mapping[: m.num_actual_tokens],  # sliced once per step, not per layer
         )
         if self.keep_window:
             starts = m.query_start_loc[: m.num_reqs + 1]
@@ -185,14 +185,14 @@ class DogeAttentionImpl(AttentionImpl[DogeAttentionMetadata]):
         self.window = keep_window or sliding_window or 0
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
-        raise RuntimeError(f"{BACKEND_NAME} attends through DogeBiasAttention.forward, which carries the bias")
+        raise RuntimeError(f"{BACKEND_NAME} attends through DogeBiasAttention.forward, which carries the mask")
 
     def forward_with_bias(
         self,
         query: torch.Tensor,  # [T, H, d]
         key: torch.Tensor,  # [T, KV, d]
         value: torch.Tensor,  # [T, KV, d]
-        bias: torch.Tensor,  # [T, KV, C] fp32
+        mask: tuple[torch.Tensor, ...],  # dt_input [T, inputs], dt_weight [KV·C, inputs], dt_bias, A [KV·C]
         positions: torch.Tensor | None,  # [T] (keep-window layers)
         kv_cache: torch.Tensor,  # [blocks, KV, block size, cell]
         metadata: DogeAttentionMetadata | None,
@@ -202,9 +202,10 @@ class DogeAttentionImpl(AttentionImpl[DogeAttentionMetadata]):
             return
         n = metadata.num_actual_tokens
         if n != query.shape[0]:  # padded batches: only the first n rows are tokens
-            query, key, value, bias, output = (t[:n] for t in (query, key, value, bias, output))
-        slots = metadata.slot_mapping[:n]
-        ops.cache_write(key, value, bias, kv_cache, slots)
+            query, key, value, output = (t[:n] for t in (query, key, value, output))
+            mask = (mask[0][:n], *mask[1:])
+        slots = metadata.slot_mapping
+        ops.cache_write_masked(key, value, *mask, kv_cache, slots)
         batch = (metadata.query_start_loc, metadata.seq_lens, metadata.block_table)
         if not self.keep_window:
             ops.attention(output, query, kv_cache, *batch, self.scale, self.window, self.bias_channels)

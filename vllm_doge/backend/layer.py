@@ -1,9 +1,10 @@
 """DogeBiasAttention: vLLM's Attention layer with a per-key bias beside k and v, on DOGE_ATTN.
 
 ``Attention.forward`` carries q, k and v only, so this layer has a forward of its own that hands the
-bias to the backend through one opaque custom op (``torch.ops.vllm_doge.biased_attention``): it reads
-the step's metadata and the layer's cache from the forward context, which torch.compile must not trace,
-and writes the cache (past a keep window also relocating keys in it) before it attends. Everything
+mask's inputs (from which the cache write computes each key's bias) to the backend through one opaque
+custom op (``torch.ops.vllm_doge.biased_attention``): it reads the step's metadata and the layer's cache
+from the forward context, which torch.compile must not trace, and writes the cache (past a keep window
+also relocating keys in it) before it attends. Everything
 else (the spec, the cache binding, registration in the forward context) is vLLM's Attention.
 """
 
@@ -43,17 +44,22 @@ class DogeBiasAttention(Attention):
         return page_spec(super().get_kv_cache_spec(vllm_config), self.bias_channels, bool(self.keep_window))
 
     def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
-        positions: torch.Tensor | None = None,
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dt_input: torch.Tensor,
+        dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, positions: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """query [T, H·d], key/value [T, KV·d], bias [T, KV, C] fp32, positions [T] (keep window) -> [T, H·d]."""
+        """query [T, H·d], key/value [T, KV·d]; the bias of mask row r (kv head · C + channel) is
+        exp(A[r] · softplus(dt_weight[r] · dt_input[t] + dt_bias[r])); positions [T] (keep window)
+        -> [T, H·d]."""
         tokens = query.shape[0]
         output = torch.empty(tokens, self.num_heads, self.head_size, dtype=query.dtype, device=query.device)
         torch.ops.vllm_doge.biased_attention(
             query.view(tokens, self.num_heads, self.head_size),
             key.view(tokens, self.num_kv_heads, self.head_size),
             value.view(tokens, self.num_kv_heads, self.head_size),
-            bias,
+            dt_input,
+            dt_weight,
+            dt_bias,
+            A,
             positions if self.keep_window else None,
             output,
             self.layer_name,
@@ -65,16 +71,20 @@ def biased_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    bias: torch.Tensor,
+    dt_input: torch.Tensor,
+    dt_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
     positions: torch.Tensor | None,
     output: torch.Tensor,
     layer_name: str,
 ) -> None:
     metadata, layer, kv_cache, _ = get_attention_context(layer_name)
-    layer.impl.forward_with_bias(query, key, value, bias, positions, kv_cache, metadata, output)
+    mask = (dt_input, dt_weight, dt_bias, A)
+    layer.impl.forward_with_bias(query, key, value, mask, positions, kv_cache, metadata, output)
 
 
-def _biased_attention_fake(query, key, value, bias, positions, output, layer_name: str) -> None:
+def _biased_attention_fake(query, key, value, dt_input, dt_weight, dt_bias, A, positions, output, layer_name: str) -> None:
     return None
 
 

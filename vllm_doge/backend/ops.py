@@ -23,7 +23,10 @@ from vllm.logger import init_logger
 logger = init_logger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("cache_write.cpp", "attention.cpp", "attention_portable.cpp", "attention_avx512.cpp", "keep_window.cpp")
+_SOURCES = (
+    "cache_write.cpp", "attention.cpp", "attention_portable.cpp", "attention_avx512.cpp", "keep_window.cpp",
+    "residual_norm.cpp",
+)  # fmt: skip
 _NAME = "vllm_doge_kernels"
 
 
@@ -63,10 +66,12 @@ def _build() -> bool:
         build = _build_dir()
         build.mkdir(parents=True, exist_ok=True)
         # at::parallel_for is OpenMP in torch's CPU builds: without -fopenmp it would run on one thread.
+        # No implicit FMA contraction: the ops that promise torch's roundings (residual_rms_norm) round
+        # every product; the kernels' FMAs are explicit.
         cpp_extension.load(
             name=_NAME,
             sources=[str(_CSRC / s) for s in _SOURCES],
-            extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+            extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             is_python_module=False,
@@ -110,6 +115,20 @@ def cache_write(key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, cach
     torch.ops.vllm_doge.cache_write(key, value, bias, cache, slot_mapping)
 
 
+def cache_write_masked(key: torch.Tensor, value: torch.Tensor, dt_input: torch.Tensor, dt_weight: torch.Tensor,
+                       dt_bias: torch.Tensor, A: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """cache_write with each token's bias computed on the way, for mask row r = kv head * C + channel:
+    exp(A[r] * softplus(dt_weight[r] . dt_input[t] + dt_bias[r])), in a fixed order per token (the same
+    bits in any batch). dt_input [T, inputs] and dt_weight [KV * C, inputs] share a dtype."""
+    torch.ops.vllm_doge.cache_write_masked(key, value, dt_input, dt_weight, dt_bias, A, cache, slot_mapping)
+
+
+def residual_rms_norm(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x', RMSNorm(x') * weight) for x' = scale * x + y, rows [T, hidden], rounded as the torch ops would."""
+    return torch.ops.vllm_doge.residual_rms_norm(x, y, scale, weight, float(eps))
+
+
 def attention(out: torch.Tensor, query: torch.Tensor, cache: torch.Tensor, query_start_loc: torch.Tensor,
               seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float, sliding_window: int,
               bias_channels: int) -> None:
@@ -144,6 +163,16 @@ def _register_fakes() -> None:
     @torch.library.register_fake("vllm_doge::cache_write")
     def _(key, value, bias, cache, slot_mapping):
         return None
+
+    @torch.library.register_fake("vllm_doge::cache_write_masked")
+    def _(key, value, dt_input, dt_weight, dt_bias, A, cache, slot_mapping):
+        return None
+
+    @torch.library.register_fake("vllm_doge::residual_rms_norm")
+    def _(x, y, scale, weight, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+            x, memory_format=torch.contiguous_format
+        )
 
     @torch.library.register_fake("vllm_doge::attention")
     def _(out, query, cache, query_start_loc, seq_lens, block_table, scale, sliding_window, bias_channels):

@@ -95,6 +95,12 @@ std::string describe(const Config& c) {
 
 std::string isa_name() { return describe(current()); }
 
+}  // namespace
+
+Isa configured_isa() { return current().isa; }
+
+namespace {
+
 std::string reconfigure() {
   std::lock_guard<std::mutex> lock(config_mutex);
   config = resolve();

@@ -15,6 +15,9 @@ namespace vllm_doge {
 enum class Isa : int { portable = 0, avx512 = 1 };
 enum class Dt : int { f32 = 0, bf16 = 1, f16 = 2 };
 
+// The vector ISA the kernels run (VLLM_DOGE_ISA, re-read by reconfigure(); attention.cpp).
+Isa configured_isa();
+
 inline int elt_size(Dt t) { return t == Dt::f32 ? 4 : 2; }
 
 struct Geometry {

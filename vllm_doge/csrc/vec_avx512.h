@@ -5,6 +5,7 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
 #include <limits>
 
 namespace vllm_doge {
@@ -30,6 +31,20 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 exp_ps(__m512 x)
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
   return _mm512_maskz_scalef_ps(live, y, n);
+}
+
+// n <= 16 elements of a row of fp32, bf16 (`bits` 16, `half` false) or fp16 as fp32 lanes; lanes past n are 0.
+template <typename E>
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"), always_inline)) inline __m512 load_ps(const E* src, int n,
+                                                                                             bool half) {
+  const __mmask16 live = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+  if constexpr (sizeof(E) == 4) {
+    return _mm512_maskz_loadu_ps(live, src);
+  } else {
+    const __m256i x = _mm256_maskz_loadu_epi16(live, src);
+    if (half) return _mm512_cvtph_ps(x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+  }
 }
 
 }  // namespace vllm_doge
