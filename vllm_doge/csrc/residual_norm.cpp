@@ -35,7 +35,7 @@ void rows_portable(const E* x, const E* y, const E* s, const E* w, E* xo, E* ho,
 }
 
 #if defined(__x86_64__)
-#define DOGE_NORM_ISA __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define DOGE_NORM_ISA __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
 
 // Round fp32 lanes to E (nearest even) and back; bits16: the rounded lanes' 16-bit patterns.
 template <typename E>
@@ -46,15 +46,10 @@ DOGE_NORM_ISA inline __m512 round_ps(__m512 v, __m256i* bits16) {
     const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     if (bits16) *bits16 = h;
     return _mm512_cvtph_ps(h);
-  } else {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    r = _mm512_and_si512(r, _mm512_set1_epi32(int(0xffff0000u)));
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc00000));
-    if (bits16) *bits16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-    return _mm512_castsi512_ps(r);
+  } else {  // vcvtneps2bf16: nearest even, as c10::BFloat16 (but denormals flush to 0)
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    if (bits16) *bits16 = h;
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
 }
 
