@@ -8,7 +8,8 @@ is the kernels' (ops.py); vLLM only sizes, allocates, frees and shares pages, wh
 of their tokens without a keep window (prefix caching holds).
 
 The impl writes the cache itself, computing each key's bias on the way from the mask's inputs, and
-attends with the bias added to every score, in the plugin's C++ kernels; past a keep window it relocates keys first (keep_window.py).
+attends with the bias added to every score, in the plugin's C++ kernels; past a keep window it relocates
+keys first (keep_window.py).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 mask's inputs (from which the cache write computes each key's bias) to the backend through one opaque
 custom op (``torch.ops.vllm_doge.biased_attention``): it reads the step's metadata and the layer's cache
 from the forward context, which torch.compile must not trace, and writes the cache (past a keep window
-also relocating keys in it) before it attends. Everything
-else (the spec, the cache binding, registration in the forward context) is vLLM's Attention.
+also relocating keys in it) before it attends. Everything else (the spec, the cache binding,
+registration in the forward context) is vLLM's Attention.
 """
 
 from __future__ import annotations
