@@ -783,15 +783,19 @@ def main(argv=None) -> None:
     parser.add_argument("--lora", action="store_true", help="also time vllm_doge serving one LoRA adapter (system lora)")
     parser.add_argument("--start-timeout", type=float, default=1800.0, help="seconds for one engine start")
     parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds for one timed run")
-    parser.add_argument("--report", default=None, metavar="NAME", help="only re-render results/NAME.json (table, chart)")
+    parser.add_argument("--report", default=None, metavar="NAME", help="only re-render results/NAME.json (table, charts), e.g. of an interrupted run")
     args = parser.parse_args(argv)
 
     if args.report:
         results = json.loads((RESULTS / f"{args.report}.json").read_text())
         modes = results["_meta"]["modes"]
-        print(markdown_table(results, modes))
+        table = markdown_table(results, modes)
+        print(table)
         print("\n".join(targets_report(results)))
-        for chart in plot_presets(results, modes, args.report):
+        charts = plot_presets(results, modes, args.report)
+        links = "".join(f"\n![{c.stem}]({c.name})" for c in charts)
+        (RESULTS / f"{args.report}.md").write_text(table + "\n" + links + ("\n" if links else ""))
+        for chart in charts:
             print(f"chart: {chart}")
         return
 
