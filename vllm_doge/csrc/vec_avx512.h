@@ -33,7 +33,7 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 exp_ps(__m512 x)
   return _mm512_maskz_scalef_ps(live, y, n);
 }
 
-// n <= 16 elements of a row of fp32, bf16 (`bits` 16, `half` false) or fp16 as fp32 lanes; lanes past n are 0.
+// n <= 16 elements of fp32, bf16 (half false) or fp16 (half true), widened to fp32 lanes; lanes past n are 0.
 template <typename E>
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"), always_inline)) inline __m512 load_ps(const E* src, int n,
                                                                                              bool half) {
