@@ -29,8 +29,10 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def _paths() -> list[tuple[str, dict]]:
     """(name, environment) of every path this machine runs."""
     paths = [("portable", {"VLLM_DOGE_ISA": "portable"})]
-    has_avx512 = ops.reconfigure() != "portable" and os.environ.get("VLLM_DOGE_ISA", "auto") == "auto"
-    if has_avx512:
+    auto = ops.reconfigure() if os.environ.get("VLLM_DOGE_ISA", "auto") == "auto" else "portable"
+    if auto.startswith(("avx2", "avx512")):  # every AVX-512 CPU runs the AVX2 path too
+        paths.append(("avx2", {"VLLM_DOGE_ISA": "avx2"}))
+    if auto.startswith("avx512"):
         paths += [
             ("avx512-loops", {"VLLM_DOGE_ISA": "avx512", "VLLM_DOGE_BRGEMM": "0", "VLLM_DOGE_BF16": "dot"}),
             ("avx512-fp32-tiles", {"VLLM_DOGE_ISA": "avx512", "VLLM_DOGE_BRGEMM": "0", "VLLM_DOGE_BF16": "fp32"}),

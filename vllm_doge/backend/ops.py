@@ -24,8 +24,8 @@ logger = init_logger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = (
-    "cache_write.cpp", "attention.cpp", "attention_portable.cpp", "attention_avx512.cpp", "keep_window.cpp",
-    "residual_norm.cpp",
+    "cache_write.cpp", "attention.cpp", "attention_portable.cpp", "attention_avx2.cpp", "attention_avx512.cpp",
+    "keep_window.cpp", "residual_norm.cpp",
 )  # fmt: skip
 _NAME = "vllm_doge_kernels"
 
@@ -84,13 +84,13 @@ def _build() -> bool:
 
 
 def isa() -> str:
-    """The path the kernels run: "avx512" or "portable", with "+brgemm(bf16|fp32)" where prefill uses
+    """The path the kernels run: "avx512", "avx2" or "portable", with "+brgemm(bf16|fp32)" where prefill uses
     oneDNN's brgemm."""
     return torch.ops.vllm_doge.isa()
 
 
 def reconfigure() -> str:
-    """Re-read VLLM_DOGE_ISA (auto | portable | avx512), VLLM_DOGE_BRGEMM (auto | 0 | 1) and VLLM_DOGE_BF16
+    """Re-read VLLM_DOGE_ISA (auto | portable | avx2 | avx512), VLLM_DOGE_BRGEMM (auto | 0 | 1) and VLLM_DOGE_BF16
     (auto | dot | fp32: bf16 products on vdpbf16ps or widened to fp32, auto measured once); returns `isa()`.
     The keep-window ops read VLLM_DOGE_ISA at every call."""
     return torch.ops.vllm_doge.reconfigure()

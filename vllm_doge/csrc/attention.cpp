@@ -34,19 +34,22 @@ Config resolve() {
   const char* env = std::getenv("VLLM_DOGE_ISA");
   std::string want = env && *env ? env : "auto";
 #if defined(__x86_64__)
-  const bool has512 = avx512_supported();
+  const bool has512 = avx512_supported(), has2 = avx2_supported();
 #else
-  const bool has512 = false;
+  const bool has512 = false, has2 = false;
 #endif
   if (want == "auto") {
-    c.isa = has512 ? Isa::avx512 : Isa::portable;
+    c.isa = has512 ? Isa::avx512 : has2 ? Isa::avx2 : Isa::portable;
   } else if (want == "portable") {
     c.isa = Isa::portable;
   } else if (want == "avx512") {
     TORCH_CHECK(has512, "VLLM_DOGE_ISA=avx512 but this CPU lacks avx512f/bw/vl/dq/bf16");
     c.isa = Isa::avx512;
+  } else if (want == "avx2") {
+    TORCH_CHECK(has2, "VLLM_DOGE_ISA=avx2 but this CPU lacks avx2/fma/f16c");
+    c.isa = Isa::avx2;
   } else {
-    TORCH_CHECK(false, "VLLM_DOGE_ISA must be auto, portable or avx512, not '", want, "'");
+    TORCH_CHECK(false, "VLLM_DOGE_ISA must be auto, portable, avx2 or avx512, not '", want, "'");
   }
   const char* g = std::getenv("VLLM_DOGE_BRGEMM");
   std::string gs = g && *g ? g : "auto";
@@ -83,7 +86,7 @@ bool use_gemm(const Config& c, Dt dt) {
 }
 
 std::string describe(const Config& c) {
-  std::string s = c.isa == Isa::avx512 ? "avx512" : "portable";
+  std::string s = c.isa == Isa::avx512 ? "avx512" : c.isa == Isa::avx2 ? "avx2" : "portable";
   if (use_gemm(c, Dt::bf16)) s += "+brgemm(bf16)";
 #if defined(__x86_64__)
   if (use_gemm(c, Dt::bf16) && amx_usable()) s += "+amx(bf16<=16rows)";
@@ -255,6 +258,7 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& cache
 
   const Config cfg = current();
   const bool vec = cfg.isa == Isa::avx512 && d % 16 == 0 && bs % 16 == 0;
+  const bool vec2 = cfg.isa == Isa::avx2 && d % 8 == 0 && bs % 8 == 0;
   const bool gemm = vec && use_gemm(cfg, p.geo.dt);
 #if defined(__x86_64__)
   const bool amx = gemm && p.geo.dt == Dt::bf16 && d % 64 == 0 && bs % 32 == 0 && amx_usable();
@@ -313,6 +317,10 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& cache
         // Items are taken in turn, so this thread's next one is most likely `tasks` further on.
         const Item* nx = i + tasks < n_items ? &plan.items[i + tasks] : nullptr;
         attend_avx512(p, it, s, parts, path, nx ? p.page(nx->b, nx->blk0, nx->g) : nullptr);
+        continue;
+      }
+      if (vec2) {
+        attend_avx2(p, it, s, parts);
         continue;
       }
 #endif

@@ -12,7 +12,7 @@
 
 namespace vllm_doge {
 
-enum class Isa : int { portable = 0, avx512 = 1 };
+enum class Isa : int { portable = 0, avx512 = 1, avx2 = 2 };
 enum class Dt : int { f32 = 0, bf16 = 1, f16 = 2 };
 
 // The vector ISA the kernels run (VLLM_DOGE_ISA, re-read by reconfigure(); attention.cpp).
@@ -90,6 +90,9 @@ void attend_portable(const Params& p, const Item& it, const Scratch& s, const Pa
 void store_rows_portable(const Params& p, int b, int g, int row0, int nrows, const float* o, int64_t ld, const float* scale);
 
 #if defined(__x86_64__)
+bool avx2_supported();  // avx2 + fma + f16c (attention_avx2.cpp)
+void attend_avx2(const Params& p, const Item& it, const Scratch& s, const Partials& parts);
+
 bool avx512_supported();
 // How an item runs: hand-written tiles on the page's dtype; oneDNN brgemm (>= 16 rows); bf16 only: each page
 // widened to fp32 once and the fp32 tiles (>= 16 rows, CPUs whose vdpbf16ps is slow next to their FMA, see

@@ -13,8 +13,9 @@
 //   keep_window_prefill    chunks (q_len > 1): exact rows over each query's kept set, then K_{p1} packed
 //                          into slots max(0, p1-W+1) .. p1
 //
-// Prefill paths (VLLM_DOGE_ISA = auto | portable | avx512, read at every call): portable C++, or AVX-512
-// tiles (fp32 FMA; bf16 scores on vdpbf16ps unless VLLM_DOGE_KW_BF16=widen), with a vectorised exp.
+// Prefill paths (VLLM_DOGE_ISA = auto | portable | avx2 | avx512, read at every call; avx2 runs the portable
+// one): portable C++, or AVX-512 tiles (fp32 FMA; bf16 scores on vdpbf16ps unless VLLM_DOGE_KW_BF16=widen),
+// with a vectorised exp.
 // Inputs of any dtype become exact fp32 products; scores, softmax and P.V accumulate in fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -229,18 +230,19 @@ bool kw_cpu_has_avx512bf16() {
 }
 #endif
 
-// VLLM_DOGE_ISA, read at every call: auto | portable | avx512 (as the main library).
+// VLLM_DOGE_ISA, read at every call: auto | portable | avx2 | avx512 (as the main library; these ops have no
+// AVX2 path: avx2 runs the portable one).
 KwPath current_path() {
   const char* env = std::getenv("VLLM_DOGE_ISA");
   const std::string want = env && *env ? env : "auto";
-  TORCH_CHECK(want == "auto" || want == "portable" || want == "avx512",
-              "VLLM_DOGE_ISA must be auto, portable or avx512, not '", want, "'");
+  TORCH_CHECK(want == "auto" || want == "portable" || want == "avx2" || want == "avx512",
+              "VLLM_DOGE_ISA must be auto, portable, avx2 or avx512, not '", want, "'");
 #if defined(__x86_64__)
   const bool has = kw_cpu_has_avx512bf16();
 #else
   const bool has = false;
 #endif
-  if (want == "portable") return KwPath::portable;
+  if (want == "portable" || want == "avx2") return KwPath::portable;
   if (want == "avx512") {
     TORCH_CHECK(has, "VLLM_DOGE_ISA=avx512 but this CPU lacks avx512f/bw/vl/bf16");
     return KwPath::avx512;
