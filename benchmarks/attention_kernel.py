@@ -11,10 +11,11 @@ Two comparisons:
 Runs alternate (ours, vLLM, ours, ...) and each cell reports medians. Prefill of B = 16 x 2048 tokens is
 left out (tens of seconds per call in fp32 on one core).
 
-A second table, "no-AMX emulation" (bf16 only), reruns the bf16 cells in a child process with
+On a CPU with AMX a second table, "no-AMX emulation" (bf16 only), reruns the bf16 cells in a child process with
 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (oneDNN, hence our auto path, sees no AMX) against vLLM's `vec` ISA:
 the setting of an AVX512_BF16 machine without AMX (e.g. AMD EPYC), where the issue's target was set.
-Writes benchmarks/results/attention-kernel.{json,md}.
+Writes benchmarks/results/NAME.{json,md} (--report NAME, default attention-kernel; attention-kernel-avx2 holds
+a run on a CPU with AVX2 only).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def cpu_flags() -> dict:
     model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo", encoding="utf-8")
                   if l.startswith("model name")), "?")
     return {"model": model, **{k: k in flags for k in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")}}
+
+
+def isa_label(flags: dict) -> str:
+    return next((name for key, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512_BF16"), ("avx512f", "AVX-512"),
+                                        ("avx2", "AVX2")) if flags[key]), "no AVX2")
 
 
 def batch_shape(mode: str, B: int, L: int):
@@ -182,7 +188,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one dtype, one thread count, short budget")
     parser.add_argument("--budget", type=float, default=0.6, help="seconds per cell (both systems)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--no-amx", action="store_true", help="skip the no-AMX emulation table")
+    parser.add_argument("--no-amx", action="store_true", help="skip the no-AMX emulation table (always skipped "
+                        "on a CPU without AMX)")
+    parser.add_argument("--report", default="attention-kernel", help="results/NAME.{json,md} (default: %(default)s)")
     parser.add_argument("--child-out", help=argparse.SUPPRESS)  # the no-AMX child: write its rows here
     args = parser.parse_args()
     assert ops.load(), "the vllm_doge kernels did not build"
@@ -194,9 +202,9 @@ def main() -> None:
         return
     flags = cpu_flags()
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
-    rows = run_cells(dtypes, threads_list, args.budget, args.rounds, "amx")
+    rows = run_cells(dtypes, threads_list, args.budget, args.rounds, "cpu")
     child = {"ours_path": None, "rows": []}
-    if not args.no_amx:
+    if not args.no_amx and flags["amx_bf16"]:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rows.json")
             cmd = [sys.executable, "-m", "benchmarks.attention_kernel", "--child-out", out, "--budget",
@@ -207,7 +215,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     meta = {"cpu": flags, "torch": torch.__version__, "heads": HEADS, "kv_heads": KV_HEADS, "block_size": BS,
             "ours_path": ops.isa(), "ours_path_no_amx": child["ours_path"]}
-    (RESULTS / "attention-kernel.json").write_text(
+    (RESULTS / f"{args.report}.json").write_text(
         json.dumps({"meta": meta, "rows": rows + child["rows"]}, indent=1) + "\n")
     lines = [
         "# Doge CPU attention kernel vs vLLM cpu_attention_with_kv_cache",
@@ -217,7 +225,7 @@ def main() -> None:
         f"Medians of {args.rounds} alternating rounds, microseconds per call.",
         "d128: both head_dim 128 without bias; fold160: ours head_dim 128 + bias channel vs vLLM head_dim 160.",
         "",
-        f"## This CPU (AMX): ours ran `{ops.isa()}`, vLLM its own choice of ISA",
+        f"## This CPU ({isa_label(flags)}): ours ran `{ops.isa()}`, vLLM its own choice of ISA",
         "",
         *table_lines(rows),
     ]
@@ -231,7 +239,7 @@ def main() -> None:
             "",
             *table_lines(child["rows"]),
         ]
-    (RESULTS / "attention-kernel.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.report}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
