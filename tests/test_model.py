@@ -61,8 +61,8 @@ def test_fp8_kv_cache_is_served(checkpoints, prompts):
     """An fp8 KV cache holds the folded bias in fp8 too; its damage was measured comparable to a same-shape
     Qwen3's (benchmarks/results/kv-fp8.md), so it is served (past a keep window it is refused: see
     test_keep_window_refusals). Both variants the CPU backend stores must start and generate where vLLM's
-    CPU attention stores fp8 (x86 with AVX-512 or AMX); elsewhere vLLM refuses fp8 for every model, and
-    Doge must not start on a path that would compute something else."""
+    CPU attention stores fp8 (x86 with AVX-512 or AMX); elsewhere vLLM refuses fp8 for every model, and the
+    engine must fail with that error rather than start."""
     path = checkpoints("dense-gqa")
     vllm_stores_fp8 = torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
     for kv_cache_dtype in ("fp8", "fp8_e5m2"):
