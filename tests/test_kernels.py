@@ -2,9 +2,9 @@
 
 Every case runs on each path this machine can run: the AVX-512 tiles (vdpbf16ps for bf16), bf16 widened to
 the fp32 tiles (bf16 cases only), oneDNN's brgemm for prefill where it is used, the AVX2 loops (on any CPU
-with AVX2, AVX-512 ones included) and the portable C++ (forced
-with VLLM_DOGE_ISA / VLLM_DOGE_BRGEMM / VLLM_DOGE_BF16 and `ops.reconfigure()`); a child process repeats the
-bf16/fp32 cases with oneDNN capped below AMX.
+with AVX2, AVX-512 ones included) and the portable C++ (forced with VLLM_DOGE_ISA / VLLM_DOGE_BRGEMM /
+VLLM_DOGE_BF16 and `ops.reconfigure()`); a child process repeats the bf16/fp32 cases with oneDNN capped
+below AMX.
 Caches start as NaN and only this batch's keys are written, so a kernel that reads an unwritten slot, a
 block-table entry past the request's blocks or a block wholly before the sliding window returns NaN.
 """
