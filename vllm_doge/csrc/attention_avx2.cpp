@@ -288,15 +288,7 @@ DOGE_AVX2 void load_q(const Params& p, const Item& it, const Scratch& sc) {
 template <Dt DT>
 DOGE_AVX2 void finish(const Params& p, const Item& it, const Scratch& sc, const Partials& parts) {
   const int d = p.geo.d, G = p.group, M = it.nrows * G;
-  if (it.part >= 0) {
-    std::memcpy(parts.o + int64_t(it.part) * parts.m_max * d, sc.o, sizeof(float) * M * d);
-    float* ml = parts.ml + int64_t(it.part) * parts.m_max * 2;
-    for (int m = 0; m < M; ++m) {
-      ml[2 * m] = sc.mx[m];
-      ml[2 * m + 1] = sc.sum[m];
-    }
-    return;
-  }
+  if (it.part >= 0) return store_partial(parts, it.part, sc, M, d);
   const int e = elt_size(DT);
   for (int m = 0; m < M; ++m) {
     const __m256 inv = _mm256_set1_ps(1.f / sc.sum[m]);

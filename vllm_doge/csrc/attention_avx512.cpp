@@ -354,16 +354,7 @@ DOGE_AVX512 void load_q(const Params& p, const Item& it, const Scratch& sc, bool
 template <Dt DT>
 DOGE_AVX512 void finish(const Params& p, const Item& it, const Scratch& sc, const Partials& parts) {
   const int d = p.geo.d, G = p.group, M = it.nrows * G;
-  if (it.part >= 0) {
-    float* o = parts.o + int64_t(it.part) * parts.m_max * d;
-    float* ml = parts.ml + int64_t(it.part) * parts.m_max * 2;
-    std::memcpy(o, sc.o, sizeof(float) * M * d);
-    for (int m = 0; m < M; ++m) {
-      ml[2 * m] = sc.mx[m];
-      ml[2 * m + 1] = sc.sum[m];
-    }
-    return;
-  }
+  if (it.part >= 0) return store_partial(parts, it.part, sc, M, d);
   const int e = elt_size(DT);
   for (int m = 0; m < M; ++m) {
     const __m512 inv = _mm512_set1_ps(1.f / sc.sum[m]);

@@ -71,13 +71,7 @@ void attend(const Params& p, const Item& it, const Scratch& sc, const Partials& 
     for (int m = 0; m < M; ++m) sc.alpha[m] = 1.f / sc.sum[m];
     store_rows_portable(p, it.b, it.g, it.row0, it.nrows, sc.o, d, sc.alpha);
   } else {
-    float* o = parts.o + int64_t(it.part) * parts.m_max * d;
-    float* ml = parts.ml + int64_t(it.part) * parts.m_max * 2;
-    std::copy(sc.o, sc.o + M * d, o);
-    for (int m = 0; m < M; ++m) {
-      ml[2 * m] = sc.mx[m];
-      ml[2 * m + 1] = sc.sum[m];
-    }
+    store_partial(parts, it.part, sc, M, d);
   }
 }
 

@@ -86,6 +86,16 @@ struct Partials {
   int m_max;
 };
 
+// An item's unnormalised rows (O, max, sum) into its split-KV partial slot `part`, for merge().
+inline void store_partial(const Partials& parts, int part, const Scratch& sc, int M, int d) {
+  std::memcpy(parts.o + int64_t(part) * parts.m_max * d, sc.o, sizeof(float) * M * d);
+  float* ml = parts.ml + int64_t(part) * parts.m_max * 2;
+  for (int m = 0; m < M; ++m) {
+    ml[2 * m] = sc.mx[m];
+    ml[2 * m + 1] = sc.sum[m];
+  }
+}
+
 void attend_portable(const Params& p, const Item& it, const Scratch& s, const Partials& parts);
 void store_rows_portable(const Params& p, int b, int g, int row0, int nrows, const float* o, int64_t ld, const float* scale);
 
